@@ -1,0 +1,318 @@
+"""LLaDA2 MoE backbone (``LLaDA2MoeModelLM``), PyTorch reference (model-spec §2).
+
+Written to export cleanly later: static control flow in every ``forward`` that an exporter traces
+(attention, layer, routing, the dense MoE lowering), no complex numbers, masks passed in as tensors.
+The eager ``loop`` MoE path (the upstream way: run only the selected experts) is data dependent and
+is what the benchmarks call "PyTorch eager"; ``dense`` evaluates every expert and weights them with a
+[T, E] matrix that is zero outside the top-k, which is exact and traceable.
+
+Rounding order follows upstream (model-spec §2.3, §9): RMSNorm in fp32, cast back, then times the
+weight; softmax in fp32; router in fp32 with the expert bias rounded to the model dtype first; the
+routed-expert sum in fp32 cast back to the model dtype; the shared expert and residuals in the model
+dtype; lm_head in the model dtype, then cast to fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llada_edge.config import BackboneConfig
+from llada_edge.model.common import RMSNorm
+
+BLOCK_SIZE = 32  # block diffusion block length (model-spec §2.3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Partial rotate-half RoPE
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: BackboneConfig) -> torch.Tensor:
+    rot = cfg.rotary_dim
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """positions [B, T] -> cos, sin [B, 1, T, rotary_dim], computed in fp32, cast to ``dtype``."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # [B, T, rot/2]
+    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rot`` dims of each head in NeoX rotate-half layout; the rest pass through."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    xr, xp = x[..., :rot], x[..., rot:]
+    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+def mask_to_bias(allowed: torch.Tensor) -> torch.Tensor:
+    """Boolean "may attend" mask -> additive fp32 bias.
+
+    A finite minimum instead of -inf: a query row with no allowed key (a CFG pad row) then gets
+    uniform weights instead of NaN, and NaN cannot leak into real rows through 0 * NaN.
+    """
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(allowed, zero, torch.tensor(torch.finfo(torch.float32).min))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, rows, bias=False)
+        self.use_qk_norm = cfg.use_qk_norm
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B,T,D] -> q [B,H,T,hd], k and v [B,Hkv,T,hd]; QK-norm before the partial RoPE."""
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [B,H,Tq,hd] over k, v [B,Hkv,Tk,hd] with additive bias [B,1,Tq,Tk] -> [B,Tq,H*hd]."""
+        b, _, tq, hd = q.shape
+        rep = self.num_heads // self.num_kv_heads
+        tk = k.shape[2]
+        # GQA: query head h reads kv head h // rep (expand + reshape, no repeat_interleave op).
+        k = k.unsqueeze(2).expand(b, self.num_kv_heads, rep, tk, hd).reshape(b, self.num_heads, tk, hd)
+        v = v.unsqueeze(2).expand(b, self.num_kv_heads, rep, tk, hd).reshape(b, self.num_heads, tk, hd)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * (hd**-0.5) + bias
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)
+        return out.transpose(1, 2).reshape(b, tq, self.num_heads * hd)
+
+
+# ----------------------------------------------------------------------------------------------
+# MLPs and MoE
+# ----------------------------------------------------------------------------------------------
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense layer-0 MLP, each routed expert and the shared expert."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def noaux_tc_route(logits: torch.Tensor, expert_bias: torch.Tensor, n_group: int, topk_group: int,
+                   top_k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA2 / DeepSeek-V3 "noaux_tc" routing (model-spec §2.3), all in fp32.
+
+    logits [N, E] -> (weights [N, k] fp32, expert ids [N, k] int64). The bias only *selects*; the
+    weights are the unbiased sigmoid scores of the chosen experts, renormalised, times ``scaling``.
+    """
+    n, e = logits.shape
+    scores = torch.sigmoid(logits.float())
+    biased = scores + expert_bias.float()
+    group_scores = biased.view(n, n_group, e // n_group).topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+    top_groups = group_scores.topk(topk_group, dim=-1).indices
+    group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, top_groups, True)
+    expert_keep = group_keep.unsqueeze(-1).expand(n, n_group, e // n_group).reshape(n, e)
+    masked = biased.masked_fill(~expert_keep, float("-inf"))
+    idx = masked.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, idx)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, idx
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        # A buffer upstream too (state-dict key ``mlp.gate.expert_bias``), in the model dtype.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.top_k, self.scaling = cfg.num_experts_per_tok, cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        return noaux_tc_route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.scaling)
+
+
+class MoE(nn.Module):
+    """Routed experts + shared expert. ``impl``: "loop" (eager, selected experts only) or "dense"."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.num_experts))
+        self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+                               if cfg.num_shared_experts else None)
+        self.impl = "loop"
+
+    def combine_weights(self, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[N, k] weights + ids -> [N, E] fp32 matrix, zero outside each token's top-k."""
+        dense = torch.zeros(weights.shape[0], self.num_experts, dtype=torch.float32, device=weights.device)
+        return dense.scatter(1, idx, weights)
+
+    def routed_loop(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        for e in torch.unique(idx).tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, weights[rows, slot].unsqueeze(-1) * self.experts[e](flat[rows]).float())
+        return out
+
+    def routed_dense(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        combine = self.combine_weights(weights, idx)
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+        for e, expert in enumerate(self.experts):
+            out = out + combine[:, e:e + 1] * expert(flat).float()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(flat)
+        routed = self.routed_loop if self.impl == "loop" else self.routed_dense
+        y = routed(flat, weights, idx).to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers and the model
+# ----------------------------------------------------------------------------------------------
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BackboneConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = (MoE(cfg) if cfg.is_moe_layer(index)
+                               else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer over T new tokens that attend to ``past`` K/V (S entries) plus themselves.
+
+        bias: additive [B, 1, T, S+T]. Returns the new hidden states and this block's K/V (post norm
+        and RoPE: exactly what a KV cache stores).
+        """
+        q, k, v = self.attention.project_qkv(self.input_layernorm(h), cos, sin)
+        k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
+        v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+        h = h + self.attention.dense(self.attention.attend(q, k_all, v_all, bias))
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, k, v
+
+
+class _Trunk(nn.Module):
+    """Holds the ``model.*`` keys (word_embeddings, layers, norm)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [B, Hkv, S, hd]
+
+
+def block_causal_allowed(length: int, key_valid: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """[B, 1, L, L] bool: i may attend j iff block(j) <= block(i) (by sequence index) and j is valid."""
+    blk = torch.arange(length, device=key_valid.device) // block_size
+    causal = blk.unsqueeze(0) <= blk.unsqueeze(1)  # [L(query), L(key)]
+    return causal.unsqueeze(0).unsqueeze(0) & key_valid.bool()[:, None, None, :]
+
+
+class LLaDA2Backbone(nn.Module):
+    """The masked-diffusion LM. Keys: ``model.word_embeddings``, ``model.layers.{i}``, ``model.norm``,
+    ``lm_head`` (model-spec §2.2)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_moe_impl(self, impl: str) -> None:
+        if impl not in ("loop", "dense"):
+            raise ValueError(f"unknown MoE implementation {impl!r} (expected 'loop' or 'dense')")
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.impl = impl
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.word_embeddings(ids)
+
+    def layers_forward(self, h: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
+                       past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        # inv_freq is recomputed (a constant under tracing) so meta-device loading needs no buffer fix-up.
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg).to(h.device), h.dtype)
+        new_kv: KVCache = []
+        for i, layer in enumerate(self.model.layers):
+            pk, pv = past[i] if past is not None else (None, None)
+            h, k, v = layer(h, cos, sin, bias, pk, pv)
+            new_kv.append((k, v))
+        return h, new_kv
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (fp32)."""
+        return self.lm_head(self.model.norm(h)).float()
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the image codes only: rows ``image_token_offset..`` of lm_head (fp32).
+
+        Exactly the upstream "text logits = -inf" restriction, ~10x cheaper.
+        """
+        w = self.lm_head.weight[self.cfg.image_token_offset:]
+        return F.linear(self.model.norm(h), w).float()
+
+    # -- whole-sequence and cached-block forwards -----------------------------------------------
+
+    def forward_full(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                     block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, KVCache]:
+        """All L tokens with the block-causal mask (no cache). Returns final hidden [B,L,D] and K/V."""
+        bias = mask_to_bias(block_causal_allowed(ids.shape[1], key_valid, block_size))
+        return self.layers_forward(self.embed(ids), positions, bias)
+
+    def forward_block(self, ids: torch.Tensor, positions: torch.Tensor, past: KVCache | None,
+                      key_mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """T block tokens against a cached prefix: key_mask [B, S+T] marks the valid keys."""
+        bias = mask_to_bias(key_mask.bool()[:, None, None, :])
+        return self.layers_forward(self.embed(ids), positions, bias, past)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        h, _ = self.forward_full(ids, positions, key_valid)
+        return self.logits(h)

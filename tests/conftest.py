@@ -1,0 +1,55 @@
+"""Shared fixtures: one tiny synthetic checkpoint per session, and a recorder for measured figures.
+
+Figures recorded with ``measure(name, value)`` (parity errors, peak RSS...) are printed at the end of
+the run and written to ``build/test-measurements.json`` so reports can quote them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llada_edge.synthetic import synthesize
+
+_MEASUREMENTS: dict[str, float | int | str] = {}
+MEASUREMENTS_PATH = Path(__file__).resolve().parent.parent / "build" / "test-measurements.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset, seed 0 (read-only: copy it with ``tiny_copy`` before modifying)."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    synthesize(out, "tiny", progress=lambda _msg: None)
+    return out
+
+
+@pytest.fixture
+def tiny_copy(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny checkpoint that a test may break."""
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_ckpt, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def measure():
+    def record(name: str, value: float | int | str) -> None:
+        _MEASUREMENTS[name] = value
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _MEASUREMENTS:
+        return
+    terminalreporter.section("measurements")
+    for name, value in sorted(_MEASUREMENTS.items()):
+        shown = f"{value:.3e}" if isinstance(value, float) else str(value)
+        terminalreporter.write_line(f"{name}: {shown}")
+    MEASUREMENTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(MEASUREMENTS_PATH.read_text()) if MEASUREMENTS_PATH.is_file() else {}
+    previous.update(_MEASUREMENTS)
+    MEASUREMENTS_PATH.write_text(json.dumps(previous, indent=2, sort_keys=True) + "\n")
