@@ -22,8 +22,16 @@ $(VENV)/.installed: pyproject.toml
 build/tiny-ckpt/config.json: | install
 	$(PY) -m llada_edge.cli synth --preset tiny --out build/tiny-ckpt --force
 
+# The main job: text-to-image, then understanding and editing of the generated image, on the
+# torch reference backend (images under build/run/).
 run: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/config.json)
-	$(PY) -m llada_edge.cli reference --model $(CHECKPOINT)
+	@mkdir -p build/run
+	$(PY) -m llada_edge.cli run t2i --model $(CHECKPOINT) --prompt "a lighthouse on a cliff at dusk" \
+		--height 256 --width 256 --out build/run/t2i.png
+	$(PY) -m llada_edge.cli run understand --model $(CHECKPOINT) --image build/run/t2i.png \
+		--prompt "What is in this picture?" --max-new-tokens 64
+	$(PY) -m llada_edge.cli run edit --model $(CHECKPOINT) --image build/run/t2i.png \
+		--prompt "make it night" --out build/run/edit.png
 
 lint: install
 	$(PY) -m ruff check llada_edge tests benchmarks

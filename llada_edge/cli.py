@@ -3,6 +3,7 @@
 * ``synth``     -> :func:`llada_edge.synthetic.synthesize`
 * ``inspect``   -> :func:`llada_edge.summary.summarize_checkpoint`
 * ``reference`` -> :func:`llada_edge.reference.run_reference`
+* ``run``       -> :class:`llada_edge.runtime.Pipeline` (understand, chat, t2i, edit)
 
 Bad input (a broken folder, a wrong size...) exits with code 2 and a one-line reason on stderr,
 never a traceback.
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from llada_edge.errors import LladaEdgeError
 
@@ -54,6 +56,68 @@ def cmd_reference(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(f"{r.name:<26} {r.seconds * 1000:>9.1f} ms  {r.output}")
+    return 0
+
+
+def _sprint_config(args: argparse.Namespace):
+    from llada_edge.runtime import SprintConfig
+
+    if not args.sprint:
+        return None
+    return SprintConfig(keep_ratio=args.keep_ratio, image_keep_ratio=args.image_keep_ratio,
+                        text_keep_ratio=args.text_keep_ratio, threshold=args.sprint_threshold)
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    from llada_edge.errors import InputError
+
+    for name in names:
+        if getattr(args, name) is None:
+            raise InputError(f"'run {args.task}' needs --{name.replace('_', '-')}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from llada_edge.runtime import Pipeline
+    from llada_edge.runtime.pipeline import stderr_progress
+
+    options = {"device": args.device, "dtype": args.dtype} if args.backend == "torch" else {}
+    pipe = Pipeline.load(args.model, backend=args.backend, progress=None if args.quiet else stderr_progress,
+                         **options)
+    sprint = _sprint_config(args)
+    common = {"seed": args.seed, "threshold": args.threshold, "temperature": args.temperature}
+    outputs: list[str] = []
+    if args.task in ("understand", "chat"):
+        _require(args, "prompt", *(["image"] if args.task == "understand" else []))
+        text_opts = dict(common, max_new_tokens=args.max_new_tokens, sprint=sprint,
+                         steps=args.steps if args.steps is not None else 32)
+        if args.task == "understand":
+            result = pipe.understand(args.image, args.prompt, **text_opts)
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}]
+            result = pipe.chat(messages, **text_opts)
+        payload = result.to_dict()
+    else:
+        image_opts = dict(common, steps=args.steps if args.steps is not None else 8, decode_mode=args.decode_mode,
+                          decode_steps=args.decode_steps, cfg_rescale=args.cfg_rescale)
+        if args.task == "t2i":
+            _require(args, "prompt")
+            result = pipe.generate_image(args.prompt, args.height, args.width, cfg_scale=args.cfg_scale,
+                                         mode=args.mode, sprint=sprint, **image_opts)
+        else:
+            _require(args, "prompt", "image")
+            result = pipe.edit(args.image, args.prompt, cfg_text_scale=args.cfg_text_scale,
+                               cfg_image_scale=args.cfg_image_scale, **image_opts)
+        out = Path(args.out or f"{args.task}.png")
+        outputs.append(str(result.save(out)))
+        payload = result.to_dict()
+    payload.update({"task": args.task, "backend": args.backend, "outputs": outputs})
+    if args.json:
+        print(json.dumps(payload))
+    elif args.task in ("understand", "chat"):
+        print(payload["text"])
+    else:
+        print(outputs[0])
     return 0
 
 
@@ -104,7 +168,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.set_defaults(func=cmd_reference)
+
+    _add_run_parser(sub)
     return parser
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    from llada_edge.runtime.backend import BACKENDS
+    from llada_edge.runtime.decode import DECODE_MODES
+
+    p = sub.add_parser(
+        "run", help="run a request: understand, chat, t2i, edit",
+        description="Run one request through the runtime. Text goes to stdout, images to a PNG (--out); --json "
+        "prints one JSON object with the generated token ids, text, output paths, timings and forward passes. "
+        "Progress goes to stderr.")
+    p.add_argument("task", choices=("understand", "chat", "t2i", "edit"))
+    p.add_argument("--model", required=True, help="checkpoint folder (build folders in a later release)")
+    p.add_argument("--backend", default="torch", help=f"engine backend: {', '.join(BACKENDS)} (default torch)")
+    p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="torch backend dtype")
+    p.add_argument("--image", help="input image (understand, edit)")
+    p.add_argument("--prompt", help="question (understand), message (chat), prompt (t2i), instruction (edit)")
+    p.add_argument("--system", help="chat: system prompt (default: the understanding assistant prompt)")
+    p.add_argument("--height", type=int, default=1024, help="t2i output height, multiple of 32 (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="t2i output width, multiple of 32 (default 1024)")
+    p.add_argument("--steps", type=int, help="denoising steps per 32-token block (default: 8 images, 32 text)")
+    p.add_argument("--threshold", type=float, default=0.95, help="confidence acceptance threshold (0.95)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy argmax (default)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="text: generation budget (default 512)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="t2i guidance scale (1 = no CFG; default 2)")
+    p.add_argument("--cfg-text-scale", type=float, default=4.0, help="edit text guidance (default 4)")
+    p.add_argument("--cfg-image-scale", type=float, default=0.0, help="edit image guidance (default 0: 2 rows)")
+    p.add_argument("--cfg-rescale", type=float, default=None, help="CFG rescale phi (off by default; SGO uses 0.7)")
+    p.add_argument("--mode", choices=("normal", "thinking"), default="normal", help="t2i: thinking mode first "
+                   "writes its reasoning, then the image")
+    p.add_argument("--decode-mode", choices=sorted(DECODE_MODES), default="turbo",
+                   help="image decoder: turbo (8 steps, default) or normal (50 steps with CFG)")
+    p.add_argument("--decode-steps", type=int, help="decoder steps (default: turbo 8, normal 50)")
+    p.add_argument("--sprint", action="store_true", help="SPRINT acceleration (understand, chat, t2i)")
+    p.add_argument("--keep-ratio", type=float, default=0.7, help="SPRINT prefix keep ratio (default 0.7)")
+    p.add_argument("--image-keep-ratio", type=float, help="SPRINT keep ratio for image tokens")
+    p.add_argument("--text-keep-ratio", type=float, help="SPRINT keep ratio for text tokens")
+    p.add_argument("--sprint-threshold", type=float, default=0.93, help="SPRINT batch acceptance (default 0.93)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and decoder noise")
+    p.add_argument("--out", help="output PNG (t2i, edit; default <task>.png)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,6 +78,9 @@ class Attention(nn.Module):
             self.query_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.dense = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Eager-only instrumentation: when a list, ``attend`` appends the attention mass per key
+        # [B, Tk] (mean over heads and queries) -- SPRINT's importance score. None when tracing.
+        self.key_mass_probe: list[torch.Tensor] | None = None
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B,T,D] -> q [B,H,T,hd], k and v [B,Hkv,T,hd]; QK-norm before the partial RoPE."""
@@ -98,7 +101,10 @@ class Attention(nn.Module):
         k = k.unsqueeze(2).expand(b, self.num_kv_heads, rep, tk, hd).reshape(b, self.num_heads, tk, hd)
         v = v.unsqueeze(2).expand(b, self.num_kv_heads, rep, tk, hd).reshape(b, self.num_heads, tk, hd)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * (hd**-0.5) + bias
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        probs = torch.softmax(scores, dim=-1)
+        if self.key_mass_probe is not None:
+            self.key_mass_probe.append(probs.mean(dim=(1, 2)))
+        probs = probs.to(v.dtype)
         out = torch.matmul(probs, v)
         return out.transpose(1, 2).reshape(b, tq, self.num_heads * hd)
 

@@ -1,0 +1,102 @@
+"""The ``Backend`` protocol: what the numpy sampler needs from an engine, numpy in and out.
+
+The sampler owns the *logic* (which tokens to commit, CFG, SPRINT); a backend owns the *compute* and
+the KV cache. One session = one request with ``rows`` sequences (1, or 2/3 with CFG) that share
+block positions; the cache has a fixed ``capacity`` (tokens per row) and a per-row validity mask, so
+left pads of CFG rows and SPRINT-pruned keys are simply invalid entries.
+
+Calls, in order, for one request::
+
+    backend.start(rows, capacity)
+    backend.prefill(ids, positions, valid)        # the complete prompt blocks -> cache
+    for each block:
+        for each step:
+            hidden = backend.forward_block(ids, positions, valid)     # block vs cache + itself
+            logits = backend.head_image(hidden)  (or head_text)
+        backend.commit(ids, positions, valid)     # final block tokens -> their K/V appended
+
+Implementations: ``torch`` (the PyTorch reference, here), ``onnxruntime`` and ``tensorrt`` (export
+issues). Nothing in this module imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from llada_edge.config import ModelConfig
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    config: ModelConfig
+
+    # -- backbone session -------------------------------------------------------------------
+
+    def start(self, rows: int, capacity: int) -> None:
+        """Begin a request: an empty KV cache for ``rows`` sequences of up to ``capacity`` tokens."""
+
+    def prefill(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
+        """Append the K/V of a prefix [B, L] (block-causal attention within it, then the cache)."""
+
+    def forward_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray,
+                      key_importance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hidden states [B, T, D] of one block attending to the valid cache entries plus itself.
+
+        With ``key_importance``, also the attention mass the block puts on each cached key, averaged
+        over layers, heads and block queries: [B, cache_len] (SPRINT's pruning score).
+        """
+
+    def commit(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
+        """Run the final tokens of a block and append their K/V to the cache."""
+
+    def set_cache_mask(self, keep: np.ndarray | None) -> None:
+        """Restrict attention to cache entries where ``keep`` [B, cache_len] is true (None: all valid)."""
+
+    @property
+    def cache_len(self) -> int:
+        """Tokens per row currently in the cache."""
+
+    # -- heads ------------------------------------------------------------------------------
+
+    def head_text(self, hidden: np.ndarray) -> np.ndarray:
+        """Full-vocabulary logits [B, T, vocab] (fp32)."""
+
+    def head_image(self, hidden: np.ndarray) -> np.ndarray:
+        """Image-code logits [B, T, num_image_tokens] (fp32): lm_head rows image_token_offset.. only."""
+
+    # -- image side -------------------------------------------------------------------------
+
+    def tokenize_image(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised pixels [1, 3, H, W] -> VQ ids [H/16 * W/16] (int64, token order of the checkpoint)."""
+
+    def sigvq(self, ids: np.ndarray) -> np.ndarray:
+        """Un-offset VQ ids [N] -> decoder conditioning features [N, C]."""
+
+    def dit(self, mode: str, latent: np.ndarray, t: np.ndarray, cap: np.ndarray) -> np.ndarray:
+        """Velocity [B, 16, 1, Hl, Wl] of the "turbo" or "normal" decoder."""
+
+    def vae_decode(self, latent: np.ndarray) -> np.ndarray:
+        """Latent [1, 16, Hl, Wl] -> image [1, 3, 8*Hl, 8*Wl] in [0, 1]."""
+
+    # -- accounting -------------------------------------------------------------------------
+
+    @property
+    def forward_passes(self) -> int:
+        """Backbone forward passes so far (prefill, block steps and commits each count one)."""
+
+
+BACKENDS = ("torch",)
+
+
+def create_backend(name: str, model_dir: str, **options: object) -> Backend:
+    """Instantiate a backend by name; its heavy imports happen here, not at module import."""
+    from llada_edge.errors import InputError
+
+    if name == "torch":
+        from llada_edge.runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend(model_dir, **options)  # type: ignore[arg-type]
+    raise InputError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")

@@ -1,0 +1,1 @@
+"""Backend implementations. Each imports its engine library (torch, onnxruntime, tensorrt) itself."""

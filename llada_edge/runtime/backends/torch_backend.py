@@ -1,0 +1,208 @@
+"""The PyTorch reference backend: the reference modules of :mod:`llada_edge.model` behind the
+:class:`~llada_edge.runtime.backend.Backend` protocol.
+
+The KV cache is preallocated per request (``start``) with a fixed capacity and filled in place;
+components load lazily on first use, so an understanding request never loads the image decoder.
+
+``kv_cache=False`` is the upstream HF way: no cache, every step recomputes the whole sequence so far
+with the block-causal mask. It exists to prove that the cached loop gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llada_edge.checkpoint import CheckpointFolder
+from llada_edge.errors import InputError
+from llada_edge.model import load_backbone, load_dit, load_sigvq, load_vae, load_vision_tokenizer
+from llada_edge.model.backbone import LLaDA2Backbone
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
+                 moe_impl: str = "loop", kv_cache: bool = True) -> None:
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r} for the torch backend (expected one of {sorted(DTYPES)})")
+        self.ckpt = CheckpointFolder(model_dir)
+        self.config = self.ckpt.config
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.moe_impl = moe_impl
+        self._backbone: LLaDA2Backbone | None = None
+        self._components: dict[str, torch.nn.Module] = {}
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self._valid = torch.zeros(0, 0, dtype=torch.bool)
+        self._keep: torch.Tensor | None = None
+        self._len = 0
+        self._passes = 0
+        self.kv_cache = kv_cache
+        self._history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # kv_cache=False only
+
+    # -- lazy components ----------------------------------------------------------------------
+
+    @property
+    def backbone(self) -> LLaDA2Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.ckpt, self.dtype).to(self.device)
+            self._backbone.set_moe_impl(self.moe_impl)
+        return self._backbone
+
+    def _component(self, name: str) -> torch.nn.Module:
+        if name not in self._components:
+            if name == "tokenizer":
+                module = load_vision_tokenizer(self.ckpt, torch.float32)  # ids are compared in fp32
+            elif name == "sigvq":
+                module = load_sigvq(self.ckpt, self.dtype)
+            elif name.startswith("dit:"):
+                module = load_dit(self.ckpt, name.split(":", 1)[1], self.dtype)
+            else:
+                module = load_vae(self.ckpt, self.dtype)
+            self._components[name] = module.to(self.device)
+        return self._components[name]
+
+    def _t(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    # -- backbone session ---------------------------------------------------------------------
+
+    def start(self, rows: int, capacity: int) -> None:
+        cfg = self.config.backbone
+        shape = (rows, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        if not self._k or self._k[0].shape != shape:
+            self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+            self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+            self._valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+        self._valid.zero_()
+        self._keep = None
+        self._len = 0
+        self._history = []
+
+    @property
+    def cache_len(self) -> int:
+        return self._len
+
+    @property
+    def forward_passes(self) -> int:
+        return self._passes
+
+    def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor) -> None:
+        n = valid.shape[1]
+        if self._len + n > self._valid.shape[1]:
+            raise InputError(f"KV cache capacity {self._valid.shape[1]} exceeded ({self._len} + {n} tokens)")
+        for layer, (k, v) in enumerate(kv):  # a copy into the preallocated cache
+            self._k[layer][:, :, self._len:self._len + n] = k
+            self._v[layer][:, :, self._len:self._len + n] = v
+        self._valid[:, self._len:self._len + n] = valid
+        self._len += n
+
+    def _past(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[:, :, :self._len], v[:, :, :self._len]) for k, v in zip(self._k, self._v, strict=True)]
+
+    @torch.inference_mode()
+    def prefill(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
+        if self._len:
+            raise RuntimeError("prefill must come first in a session")
+        valid_t = self._t(valid).bool()
+        if not self.kv_cache:
+            self._remember(ids, positions, valid_t)
+            return
+        _, kv = self.backbone.forward_full(self._t(ids), self._t(positions), valid_t)
+        self._passes += 1
+        self._append(kv, valid_t)
+
+    def _remember(self, ids: np.ndarray, positions: np.ndarray, valid: torch.Tensor) -> None:
+        self._history.append((self._t(ids), self._t(positions), valid))
+        self._len += ids.shape[1]
+
+    def _run_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, use_keep: bool
+                   ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        valid_t = self._t(valid).bool()
+        if not self.kv_cache:
+            return (*self._recompute_block(ids, positions, valid_t), valid_t)
+        cached = self._valid[:, :self._len]
+        if use_keep and self._keep is not None:
+            cached = cached & self._keep
+        key_mask = torch.cat([cached, valid_t], dim=1)
+        h, kv = self.backbone.forward_block(self._t(ids), self._t(positions), self._past(), key_mask)
+        self._passes += 1
+        return h, kv, valid_t
+
+    def _recompute_block(self, ids: np.ndarray, positions: np.ndarray, valid: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """No cache: the whole sequence so far, block-causal, and keep the last block's outputs."""
+        if self._keep is not None:
+            raise InputError("prefix pruning (SPRINT keep ratio < 1) needs the KV cache")
+        parts = [*self._history, (self._t(ids), self._t(positions), valid)]
+        all_ids, all_pos, all_valid = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
+        h, kv = self.backbone.forward_full(all_ids, all_pos, all_valid)
+        self._passes += 1
+        t = ids.shape[1]
+        return h[:, -t:], [(k[:, :, -t:], v[:, :, -t:]) for k, v in kv]
+
+    @torch.inference_mode()
+    def forward_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray,
+                      key_importance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        probes: list[torch.Tensor] = []
+        attentions = [layer.attention for layer in self.backbone.model.layers]
+        if key_importance and not self.kv_cache:
+            raise InputError("SPRINT key importance needs the KV cache")
+        for attn in attentions:
+            attn.key_mass_probe = probes if key_importance else None
+        try:
+            h, _, _ = self._run_block(ids, positions, valid, use_keep=True)
+        finally:
+            for attn in attentions:
+                attn.key_mass_probe = None
+        importance = None
+        if key_importance:
+            importance = torch.stack(probes).mean(0)[:, :self._len].float().cpu().numpy()
+        return h.float().cpu().numpy(), importance
+
+    @torch.inference_mode()
+    def commit(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
+        # The committed block attends to the whole (unpruned) prefix so the cache stays exact.
+        if not self.kv_cache:  # nothing to compute: the next step recomputes everything
+            self._remember(ids, positions, self._t(valid).bool())
+            return
+        _, kv, valid_t = self._run_block(ids, positions, valid, use_keep=False)
+        self._append(kv, valid_t)
+
+    def set_cache_mask(self, keep: np.ndarray | None) -> None:
+        self._keep = None if keep is None else self._t(keep).bool()
+
+    # -- heads ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def head_text(self, hidden: np.ndarray) -> np.ndarray:
+        return self.backbone.logits(self._t(hidden).to(self.dtype)).cpu().numpy()
+
+    @torch.inference_mode()
+    def head_image(self, hidden: np.ndarray) -> np.ndarray:
+        return self.backbone.image_logits(self._t(hidden).to(self.dtype)).cpu().numpy()
+
+    # -- image side -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def tokenize_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self._component("tokenizer")(self._t(pixels).float()).cpu().numpy().astype(np.int64)
+
+    @torch.inference_mode()
+    def sigvq(self, ids: np.ndarray) -> np.ndarray:
+        return self._component("sigvq")(self._t(ids).long()).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def dit(self, mode: str, latent: np.ndarray, t: np.ndarray, cap: np.ndarray) -> np.ndarray:
+        model = self._component(f"dit:{mode}")
+        return model(self._t(latent).float(), self._t(t).float(), self._t(cap).float()).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def vae_decode(self, latent: np.ndarray) -> np.ndarray:
+        return self._component("vae")(self._t(latent).float()).float().cpu().numpy()
