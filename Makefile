@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CHECKPOINT ?= build/tiny-ckpt
+BUILD ?= build/engines-tiny
+TARGET ?= onnxruntime
+PRECISION ?= fp32
 
-.PHONY: install run test lint clean
+.PHONY: install run engines test lint clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +35,14 @@ run: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/config
 		--prompt "What is in this picture?" --max-new-tokens 64
 	$(PY) -m llada_edge.cli run edit --model $(CHECKPOINT) --image build/run/t2i.png \
 		--prompt "make it night" --out build/run/edit.png
+
+# Synthetic checkpoint -> ONNX export (validated against the reference) -> one t2i, one understanding and
+# one edit request on ONNX Runtime -> timing table. Re-running skips every up-to-date component.
+engines: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/config.json)
+	@test "$(TARGET)" = onnxruntime || (echo "make engines: TARGET=$(TARGET) is not available yet (onnxruntime)"; exit 2)
+	@test "$(PRECISION)" = fp32 || (echo "make engines: PRECISION=$(PRECISION) is not available yet (fp32)"; exit 2)
+	$(PY) -m llada_edge.cli export --checkpoint $(CHECKPOINT) --out $(BUILD) --moe ort
+	$(PY) -m llada_edge.cli demo --model $(BUILD) --out $(BUILD)/demo
 
 lint: install
 	$(PY) -m ruff check llada_edge tests benchmarks

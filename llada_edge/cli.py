@@ -4,9 +4,11 @@
 * ``inspect``   -> :func:`llada_edge.summary.summarize_checkpoint`
 * ``reference`` -> :func:`llada_edge.reference.run_reference`
 * ``run``       -> :class:`llada_edge.runtime.Pipeline` (understand, chat, t2i, edit)
+* ``export``    -> :func:`llada_edge.export.build.export_build`
+* ``demo``      -> :func:`llada_edge.demo.run_demo`
 
 Bad input (a broken folder, a wrong size...) exits with code 2 and a one-line reason on stderr,
-never a traceback.
+never a traceback; an export whose numeric validation fails exits with code 1.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from llada_edge.runtime import Pipeline
+    from llada_edge.runtime.backend import resolve_backend
     from llada_edge.runtime.pipeline import stderr_progress
 
-    options = {"device": args.device, "dtype": args.dtype} if args.backend == "torch" else {}
+    backend = resolve_backend(args.backend, args.model) if Path(args.model).is_dir() else args.backend
+    options = {"device": args.device, "dtype": args.dtype} if backend == "torch" else {}
     pipe = Pipeline.load(args.model, backend=args.backend, progress=None if args.quiet else stderr_progress,
                          **options)
     sprint = _sprint_config(args)
@@ -111,13 +115,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.out or f"{args.task}.png")
         outputs.append(str(result.save(out)))
         payload = result.to_dict()
-    payload.update({"task": args.task, "backend": args.backend, "outputs": outputs})
+    payload.update({"task": args.task, "backend": pipe.backend.name, "outputs": outputs})
     if args.json:
         print(json.dumps(payload))
     elif args.task in ("understand", "chat"):
         print(payload["text"])
     else:
         print(outputs[0])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llada_edge.export.build import export_build
+
+    manifest = export_build(args.checkpoint, args.out, args.components, moe=args.moe, opset=args.opset,
+                            validate=not args.no_validate, progress=_progress)
+    print(f"{args.out}: {len(manifest.components) - 1} components"
+          + (f", validation: {Path(args.out) / 'reports' / 'validation.md'}" if not args.no_validate else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llada_edge.demo import format_table, run_demo
+    from llada_edge.runtime.pipeline import stderr_progress
+
+    rows = run_demo(args.model, args.out, args.backend, args.size, progress=stderr_progress)
+    from llada_edge.runtime.backend import resolve_backend
+
+    print(format_table(rows, resolve_backend(args.backend, args.model)))
     return 0
 
 
@@ -170,6 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reference)
 
     _add_run_parser(sub)
+
+    p = sub.add_parser("export", help="export every component to ONNX, validated against the reference",
+                       description="Export the components of a checkpoint folder to ONNX graphs in a build folder "
+                       "(manifest.json, onnx/<component>/, reports/). One component at a time from only its own "
+                       "tensors (bounded memory); each is validated on ONNX Runtime CPU against the PyTorch "
+                       "reference. Re-running skips what is up to date; a changed checkpoint or option rebuilds "
+                       "only what it affects.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder in the upstream layout")
+    p.add_argument("--out", required=True, help="build folder to create or update")
+    p.add_argument("--components", nargs="+", metavar="NAME",
+                   help="components or groups (default all): vision_tokenizer sigvq dit_turbo dit_normal "
+                   "vae_decoder embed layer_N head_text head_image; groups: layers heads dit backbone image")
+    p.add_argument("--moe", choices=("dense", "ort"), default="dense",
+                   help="MoE lowering: dense (standard ONNX, for TensorRT) or ort (com.microsoft.MoE, fast on "
+                   "ONNX Runtime CPU)")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs reference comparison")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="one t2i, one understanding and one edit request, with a timing table")
+    p.add_argument("--model", required=True, help="build folder (onnxruntime) or checkpoint folder (torch)")
+    p.add_argument("--backend", default="auto", help="auto, torch or onnxruntime")
+    p.add_argument("--size", type=int, default=256, help="t2i image size (default 256)")
+    p.add_argument("--out", default="build/demo", help="where the PNGs go (default build/demo)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -183,8 +233,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
         "prints one JSON object with the generated token ids, text, output paths, timings and forward passes. "
         "Progress goes to stderr.")
     p.add_argument("task", choices=("understand", "chat", "t2i", "edit"))
-    p.add_argument("--model", required=True, help="checkpoint folder (build folders in a later release)")
-    p.add_argument("--backend", default="torch", help=f"engine backend: {', '.join(BACKENDS)} (default torch)")
+    p.add_argument("--model", required=True, help="checkpoint folder (torch) or build folder (onnxruntime)")
+    p.add_argument("--backend", default="auto", help=f"engine backend: {', '.join(BACKENDS)} (default auto: "
+                   "onnxruntime for a build folder, torch for a checkpoint folder)")
     p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="torch backend dtype")
     p.add_argument("--image", help="input image (understand, edit)")
@@ -225,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except LladaEdgeError as exc:
         print(f"llada-edge {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return 1 if type(exc).__name__ == "ValidationFailed" else EXIT_USAGE
     except KeyboardInterrupt:
         print(f"llada-edge {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -53,3 +53,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     previous = json.loads(MEASUREMENTS_PATH.read_text()) if MEASUREMENTS_PATH.is_file() else {}
     previous.update(_MEASUREMENTS)
     MEASUREMENTS_PATH.write_text(json.dumps(previous, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every component of the tiny checkpoint exported (dense MoE: the TensorRT-bound lowering) and validated.
+
+    Read-only: tests that modify a build export their own.
+    """
+    from llada_edge.export.build import export_build
+
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    export_build(tiny_ckpt, out, moe="dense", progress=lambda _m: None)
+    return out

@@ -162,44 +162,108 @@ class Gate(nn.Module):
         return noaux_tc_route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.scaling)
 
 
+def threshold_combine_weights(logits: torch.Tensor, expert_bias: torch.Tensor, n_group: int, topk_group: int,
+                              top_k: int, scaling: float) -> torch.Tensor:
+    """The routing of :func:`noaux_tc_route` as a dense [N, E] fp32 weight matrix, zero outside the top-k.
+
+    Written for export: the kept groups and experts are found by comparing with the k-th largest
+    value instead of scattering TopK indices (no ScatterElements, one less op TensorRT must support).
+    Identical to the index form unless two scores tie exactly at the k-th place.
+    """
+    n, e = logits.shape
+    scores = torch.sigmoid(logits.float())
+    biased = scores + expert_bias.float()
+    group_scores = biased.view(n, n_group, e // n_group).topk(2, dim=-1).values.sum(dim=-1)
+    group_kth = group_scores.topk(topk_group, dim=-1).values[:, -1:]
+    group_keep = (group_scores >= group_kth).unsqueeze(-1).expand(n, n_group, e // n_group).reshape(n, e)
+    masked = torch.where(group_keep, biased, torch.full_like(biased, float("-inf")))
+    expert_kth = masked.topk(top_k, dim=-1).values[:, -1:]
+    chosen = torch.where(masked >= expert_kth, scores, torch.zeros_like(scores))
+    return chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20) * scaling
+
+
 class MoE(nn.Module):
-    """Routed experts + shared expert. ``impl``: "loop" (eager, selected experts only) or "dense"."""
+    """Routed experts + shared expert, with interchangeable lowerings (``impl``):
+
+    * ``loop``: eager, runs only the selected experts (the upstream way; "PyTorch eager" in benchmarks);
+    * ``dense``: every expert on every token, weighted by :func:`threshold_combine_weights`; exact,
+      standard ONNX only, one 2-D MatMul per expert matrix (design.md §6);
+    * ``ort``: ONNX Runtime's ``com.microsoft.MoE`` (SwiGLU, interleaved fc1 [E, 2F, D]) when exported;
+      the routing stays in plain fp32 ONNX and reaches the op as router logits that are log(weight) on
+      the chosen experts and -1e9 elsewhere, so the op's softmax + top-k return exactly those weights.
+      Call :meth:`pack_for_ort` first (it moves the expert weights into the stacked layout).
+    """
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.num_experts = cfg.num_experts
+        self.top_k = cfg.num_experts_per_tok
         self.gate = Gate(cfg)
         self.experts = nn.ModuleList(GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size)
                                      for _ in range(cfg.num_experts))
         self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
         self.impl = "loop"
+        self.ort_fc1: torch.Tensor | None = None  # [E, 2F, D], rows gate_0, up_0, gate_1, up_1, ...
+        self.ort_fc2: torch.Tensor | None = None  # [E, D, F]
 
-    def combine_weights(self, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """[N, k] weights + ids -> [N, E] fp32 matrix, zero outside each token's top-k."""
-        dense = torch.zeros(weights.shape[0], self.num_experts, dtype=torch.float32, device=weights.device)
-        return dense.scatter(1, idx, weights)
+    def pack_for_ort(self) -> None:
+        """Stack the expert weights into the ORT MoE layout, freeing each expert as it is copied."""
+        first = self.experts[0]
+        f, d = first.gate_proj.weight.shape
+        w = first.gate_proj.weight
+        self.ort_fc1 = torch.empty(self.num_experts, 2 * f, d, dtype=w.dtype, device=w.device)
+        self.ort_fc2 = torch.empty(self.num_experts, d, f, dtype=w.dtype, device=w.device)
+        for e in range(self.num_experts):
+            expert = self.experts[e]
+            self.ort_fc1[e, 0::2] = expert.gate_proj.weight
+            self.ort_fc1[e, 1::2] = expert.up_proj.weight
+            self.ort_fc2[e] = expert.down_proj.weight
+            self.experts[e] = nn.Identity()  # release the per-expert copy
+        self.impl = "ort"
 
-    def routed_loop(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def routed_loop(self, flat: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(flat)
         out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
         for e in torch.unique(idx).tolist():
             rows, slot = (idx == e).nonzero(as_tuple=True)
             out.index_add_(0, rows, weights[rows, slot].unsqueeze(-1) * self.experts[e](flat[rows]).float())
         return out
 
-    def routed_dense(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        combine = self.combine_weights(weights, idx)
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-        for e, expert in enumerate(self.experts):
-            out = out + combine[:, e:e + 1] * expert(flat).float()
-        return out
+    def combine(self, flat: torch.Tensor) -> torch.Tensor:
+        g = self.gate
+        logits = F.linear(flat.float(), g.weight.float())
+        return threshold_combine_weights(logits, g.expert_bias, g.n_group, g.topk_group, g.top_k, g.scaling)
+
+    def routed_dense(self, flat: torch.Tensor) -> torch.Tensor:
+        combine = self.combine(flat)
+        outs = torch.stack([expert(flat).float() for expert in self.experts], dim=-1)  # [N, D, E]
+        return torch.matmul(outs, combine.unsqueeze(-1)).squeeze(-1)
+
+    def routed_ort(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.ort_fc1 is None or self.ort_fc2 is None:
+            raise RuntimeError("call pack_for_ort() before using the ort lowering")
+        scaling = self.gate.scaling
+        combine = self.combine(flat) / scaling  # renormalised weights, summing to 1 per token
+        if not torch.onnx.is_in_onnx_export():  # eager twin of the op: same weights, same experts
+            x = flat.float()
+            h = torch.einsum("nd,efd->enf", x, self.ort_fc1.float())
+            act = F.silu(h[..., 0::2]) * h[..., 1::2]
+            y = torch.einsum("enf,edf->end", act, self.ort_fc2.float())
+            return torch.einsum("end,ne->nd", y, combine) * scaling
+        router = torch.where(combine > 0, torch.log(combine.clamp_min(1e-30)), torch.full_like(combine, -1e9))
+        out = torch.onnx.ops.symbolic(
+            "com.microsoft::MoE", (flat.float(), router, self.ort_fc1.float(), None, self.ort_fc2.float()),
+            {"k": self.top_k, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
+             "activation_beta": 0.0, "normalize_routing_weights": 0},
+            dtype=torch.float32, shape=flat.shape, version=1)
+        return out * scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(flat)
-        routed = self.routed_loop if self.impl == "loop" else self.routed_dense
-        y = routed(flat, weights, idx).to(x.dtype)
+        routed = {"loop": self.routed_loop, "dense": self.routed_dense, "ort": self.routed_ort}[self.impl]
+        y = routed(flat).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.reshape(shape)
@@ -271,6 +335,7 @@ class LLaDA2Backbone(nn.Module):
         return self.lm_head.weight.dtype
 
     def set_moe_impl(self, impl: str) -> None:
+        """"loop" (eager) or "dense" (exportable); see :class:`MoE` ("ort" goes through pack_for_ort)."""
         if impl not in ("loop", "dense"):
             raise ValueError(f"unknown MoE implementation {impl!r} (expected 'loop' or 'dense')")
         for layer in self.model.layers:

@@ -23,21 +23,7 @@ from torch import nn
 
 from llada_edge.config import DecoderConfig
 from llada_edge.model.common import RMSNorm
-
-SEQ_MULTIPLE = 32
-
-
-def pad_to_multiple(n: int, multiple: int = SEQ_MULTIPLE) -> int:
-    return n + (-n) % multiple
-
-
-def rope_angles(pos_ids: torch.Tensor, axes_dims: list[int], theta: float) -> torch.Tensor:
-    """pos_ids [L, 3] -> angles [L, sum(axes_dims)/2] (fp32, from float64 frequencies as upstream)."""
-    parts = []
-    for axis, dim in enumerate(axes_dims):
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        parts.append((pos_ids[:, axis].to(torch.float64).unsqueeze(-1) * freqs).float())
-    return torch.cat(parts, dim=-1)
+from llada_edge.positions import dit_rope_tables
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -46,21 +32,6 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
-
-
-def caption_pos_ids(cap_len_padded: int) -> torch.Tensor:
-    pos = torch.zeros(cap_len_padded, 3, dtype=torch.int64)
-    pos[:, 0] = torch.arange(1, cap_len_padded + 1)
-    return pos
-
-
-def image_pos_ids(ht: int, wt: int, cap_len_padded: int) -> torch.Tensor:
-    n = ht * wt
-    pos = torch.zeros(pad_to_multiple(n), 3, dtype=torch.int64)
-    pos[:n, 0] = cap_len_padded + 1
-    pos[:n, 1] = torch.arange(ht).repeat_interleave(wt)
-    pos[:n, 2] = torch.arange(wt).repeat(ht)
-    return pos
 
 
 class _Attention(nn.Module):
@@ -185,35 +156,37 @@ class ZImageDiT(nn.Module):
 
     def rope_tables(self, ht: int, wt: int, cap_len: int) -> tuple[torch.Tensor, ...]:
         """cos/sin [L, hd/2] for the image tokens and the caption tokens (padded lengths)."""
-        cap_pad = pad_to_multiple(cap_len)
-        cfg = self.cfg
-        img = rope_angles(image_pos_ids(ht, wt, cap_pad), cfg.axes_dims, cfg.rope_theta)
-        cap = rope_angles(caption_pos_ids(cap_pad), cfg.axes_dims, cfg.rope_theta)
-        return img.cos(), img.sin(), cap.cos(), cap.sin()
+        tables = dit_rope_tables(ht, wt, cap_len, self.cfg.axes_dims, self.cfg.rope_theta)
+        return tuple(torch.from_numpy(t) for t in tables)
 
     @staticmethod
-    def _pad_rows(x: torch.Tensor, pad_token: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]
-        extra = pad_to_multiple(n) - n
-        if extra == 0:
-            return x
-        return torch.cat([x, pad_token.to(x.dtype).expand(x.shape[0], extra, -1)], dim=1)
+    def _pad_rows(x: torch.Tensor, pad_token: torch.Tensor, length: int) -> torch.Tensor:
+        """Append pad-token rows up to ``length`` (a no-op concat of zero rows when already there)."""
+        extra = pad_token.to(x.dtype).expand(x.shape[0], length - x.shape[1], -1)
+        return torch.cat([x, extra], dim=1)
 
     # -- forward -------------------------------------------------------------------------------
 
-    def forward(self, latent: torch.Tensor, t: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, t: torch.Tensor, cap: torch.Tensor,
+                rope: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``rope``: (img_cos, img_sin, cap_cos, cap_sin) from :meth:`rope_tables`, or None to compute
+        them here. Their lengths are the padded sequence lengths; passing them in keeps float64 table
+        arithmetic out of exported graphs and lets one graph serve every resolution."""
         cfg = self.cfg
         dtype = self.x_pad_token.dtype
         _, _, _, h, w = latent.shape
         ht, wt = h // cfg.patch_size, w // cfg.patch_size
         n_img = ht * wt
-        img_cos, img_sin, cap_cos, cap_sin = (a.to(latent.device) for a in self.rope_tables(ht, wt, cap.shape[1]))
+        if rope is None:
+            rope = tuple(a.to(latent.device) for a in self.rope_tables(ht, wt, cap.shape[1]))
+        img_cos, img_sin, cap_cos, cap_sin = rope
 
         c = self.t_embedder(t * cfg.t_scale)
-        x = self._pad_rows(self.all_x_embedder[self.patch_key](self.patchify(latent.to(dtype))), self.x_pad_token)
+        x = self._pad_rows(self.all_x_embedder[self.patch_key](self.patchify(latent.to(dtype))), self.x_pad_token,
+                           img_cos.shape[0])
         for block in self.noise_refiner:
             x = block(x, img_cos, img_sin, c)
-        y = self._pad_rows(self.semantic_embedder(cap.to(dtype)), self.cap_pad_token)
+        y = self._pad_rows(self.semantic_embedder(cap.to(dtype)), self.cap_pad_token, cap_cos.shape[0])
         for block in self.context_refiner:
             y = block(y, cap_cos, cap_sin)
         u = torch.cat([x, y], dim=1)  # image first, then caption

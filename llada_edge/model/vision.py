@@ -139,8 +139,9 @@ class SigLipVQTokenizer(nn.Module):
         patches = visual.patch_embed.proj(pixels.to(dtype))  # [1, D, gh, gw]
         _, _, gh, gw = patches.shape
         x = patches.flatten(2).squeeze(0).transpose(0, 1)  # raster [N, D]
-        if self.order == "window":
-            x = x[torch.tensor(window_order(gh, gw), device=x.device)]
+        if self.order == "window":  # == x[window_order(gh, gw)], as reshapes so H and W can stay dynamic
+            d = x.shape[-1]
+            x = x.reshape(gh // 2, 2, gw // 2, 2, d).permute(0, 2, 1, 3, 4).reshape(gh * gw, d)
         x = x + self.position_embeddings(gh, gw)
         for block in visual.blocks:
             x = block(x)

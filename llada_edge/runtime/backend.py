@@ -21,6 +21,7 @@ issues). Nothing in this module imports torch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -88,15 +89,37 @@ class Backend(Protocol):
         """Backbone forward passes so far (prefill, block steps and commits each count one)."""
 
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-def create_backend(name: str, model_dir: str, **options: object) -> Backend:
-    """Instantiate a backend by name; its heavy imports happen here, not at module import."""
+def is_build_folder(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def resolve_backend(name: str, path: str | Path) -> str:
+    """``auto``: a build folder runs on onnxruntime, a checkpoint folder on the torch reference."""
     from llada_edge.errors import InputError
 
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
+    build = is_build_folder(path)
+    if name == "auto":
+        return "onnxruntime" if build else "torch"
+    if name == "onnxruntime" and not build:
+        raise InputError(f"{path}: the onnxruntime backend runs a build folder (manifest.json); create one with "
+                         "`llada-edge export --checkpoint DIR --out BUILD`")
+    if name == "torch" and build:
+        raise InputError(f"{path}: the torch backend runs a checkpoint folder, not a build folder")
+    return name
+
+
+def create_backend(name: str, path: str | Path, **options: object) -> Backend:
+    """Instantiate a backend by name; its heavy imports happen here, not at module import."""
+    name = resolve_backend(name, path)
     if name == "torch":
         from llada_edge.runtime.backends.torch_backend import TorchBackend
 
-        return TorchBackend(model_dir, **options)  # type: ignore[arg-type]
-    raise InputError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
+        return TorchBackend(path, **options)  # type: ignore[arg-type]
+    from llada_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(path, **options)  # type: ignore[arg-type]

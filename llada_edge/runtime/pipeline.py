@@ -23,7 +23,7 @@ from PIL import Image
 
 from llada_edge.errors import InputError
 from llada_edge.runtime import prompts
-from llada_edge.runtime.backend import Backend, create_backend
+from llada_edge.runtime.backend import Backend, create_backend, is_build_folder
 from llada_edge.runtime.decode import DECODE_MODES, decode_tokens
 from llada_edge.runtime.images import check_size, edit_source_image, load_image, smart_resize, to_pil, to_pixels
 from llada_edge.runtime.sampler import BlockDiffusionSampler, GenerationResult, SamplingConfig, SprintConfig, left_pad
@@ -89,14 +89,15 @@ class Pipeline:
         self.config = backend.config
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "torch", progress: Progress | None = None,
+    def load(cls, path: str | Path, backend: str = "auto", progress: Progress | None = None,
              **backend_options: Any) -> Pipeline:
-        """Open a checkpoint folder (later also a build folder) with the named backend."""
+        """Open a checkpoint folder (torch) or a build folder (onnxruntime); ``auto`` picks by folder."""
         path = Path(path)
         if not path.is_dir():
-            raise InputError(f"{path}: not a directory (expected a checkpoint folder)")
-        engine = create_backend(backend, str(path), **backend_options)
-        return cls(engine, TextTokenizer.from_file(path / "tokenizer.json"), progress)
+            raise InputError(f"{path}: not a directory (expected a checkpoint or build folder)")
+        engine = create_backend(backend, path, **backend_options)
+        model_dir = path / "model" if is_build_folder(path) else path
+        return cls(engine, TextTokenizer.from_file(model_dir / "tokenizer.json"), progress)
 
     # -- helpers --------------------------------------------------------------------------------
 

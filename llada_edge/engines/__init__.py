@@ -1,0 +1,1 @@
+"""Build folders: the manifest, and engine builders for TensorRT and ONNX Runtime."""

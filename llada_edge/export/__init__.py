@@ -1,0 +1,1 @@
+"""ONNX export of every component, numeric validation, and graph checks."""

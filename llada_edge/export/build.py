@@ -1,0 +1,188 @@
+"""``llada-edge export``: a checkpoint folder -> a self-contained build folder of ONNX graphs.
+
+    BUILD/manifest.json                 what was built from what (design.md §4)
+    BUILD/model/                        the configs and tokenizer.json the runtime needs (no weights)
+    BUILD/onnx/<component>/model.onnx   (+ model.onnx.data: weights as external data)
+    BUILD/reports/                      validation.json / .md, polygraphy/<component>.{inputs,outputs}.json
+
+Bounded memory: each component is built from only its own tensors, exported, validated and released
+before the next one (the backbone one layer at a time), so peak memory is about one component.
+
+Idempotent: each component is keyed by a hash of what it depends on (its tensors' header entries and
+files, its config, the export options, the exporter version). An unchanged key with its files in place
+is skipped; a changed checkpoint or option rebuilds only what it affects. A component is written to a
+temporary folder and renamed into place, then recorded in the manifest, so an interrupted export
+leaves nothing that a later run (or the runtime) would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llada_edge.checkpoint import CheckpointFolder
+from llada_edge.engines.manifest import (
+    MANIFEST_NAME,
+    BuildError,
+    ComponentEntry,
+    FileEntry,
+    Manifest,
+    atomic_dir,
+    fingerprint,
+    record_component,
+    versions_of,
+)
+from llada_edge.errors import InputError, LladaEdgeError
+from llada_edge.export.components import MOE_LOWERINGS, build_module, select_components, source_fingerprint
+from llada_edge.export.components import validation_cases as cases_for
+from llada_edge.export.specs import ComponentSpec, all_specs
+from llada_edge.export.validate import validate_component, write_reports
+
+EXPORTER_VERSION = 1  # bump when a graph changes, so older exports are rebuilt
+DEFAULT_OPSET = 20
+MODEL_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "image_tokenizer/config.json",
+               "image_tokenizer/preprocessor_config.json", "decoder/config.json", "decoder-turbo/config.json",
+               "vae/config.json"]
+LIBRARIES = ["llada-edge", "torch", "onnx", "onnxruntime", "onnxscript", "nvidia-modelopt", "tensorrt"]
+
+Progress = Callable[[str], None]
+
+
+class ValidationFailed(LladaEdgeError):
+    """An exported graph disagrees with the reference beyond the tolerance (the files are kept)."""
+
+
+def _trace_inputs(spec: ComponentSpec, cfg_vocab: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, sig in spec.inputs.items():
+        shape = sig.resolve(spec.trace_dims)
+        if sig.dtype == "int64":
+            out[name] = torch.from_numpy(rng.integers(0, min(cfg_vocab, 100), shape))
+        elif sig.dtype == "bool":
+            out[name] = torch.ones(shape, dtype=torch.bool)
+        else:
+            out[name] = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    return out
+
+
+def export_onnx(module: nn.Module, spec: ComponentSpec, path: Path, opset: int, vocab: int) -> None:
+    """torch.onnx (dynamo) export with the spec's dynamic axes; weights as external data."""
+    from torch.export import Dim
+
+    args = _trace_inputs(spec, vocab)
+    dynamic = {name: {axis: Dim.AUTO for axis in axes} for name, axes in spec.dynamic_axes().items()}
+    # The exporter logs every missing optional library (torchvision...) and prints its progress.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(args.values()), str(path), dynamo=True, input_names=list(spec.inputs),
+                          output_names=list(spec.outputs), dynamic_shapes=dynamic, opset_version=opset,
+                          external_data=True, optimize=True)
+    _check_dynamic(spec, path)
+
+
+def _check_dynamic(spec: ComponentSpec, path: Path) -> None:
+    """Every axis the spec calls dynamic must be symbolic in the graph (the exporter may specialise)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph_inputs = {i.name: i for i in model.graph.input}
+    for name, axes in spec.dynamic_axes().items():
+        dims = graph_inputs[name].type.tensor_type.shape.dim
+        fixed = [a for a in axes if dims[a].HasField("dim_value")]
+        if fixed:
+            raise BuildError(f"exporter fixed dynamic axes {fixed} of input {name!r}", file=path)
+
+
+def _copy_model_files(ckpt: CheckpointFolder, out: Path) -> list[FileEntry]:
+    with atomic_dir(out / "model") as tmp:
+        for rel in MODEL_FILES:
+            src = ckpt.root / rel
+            if src.is_file():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, tmp / rel)
+    return [FileEntry.of(out, p) for p in sorted((out / "model").rglob("*")) if p.is_file()]
+
+
+def _open_manifest(out: Path, ckpt: CheckpointFolder) -> Manifest:
+    if (out / MANIFEST_NAME).is_file():
+        return Manifest.load(out)  # an incompatible or broken manifest is an error, not silently replaced
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists, is not empty and has no {MANIFEST_NAME}: choose another --out")
+    return Manifest(checkpoint={"path": str(ckpt.root)})
+
+
+def _up_to_date(out: Path, entry: ComponentEntry | None, key: str) -> bool:
+    if entry is None or entry.key != key:
+        return False
+    return all((out / f.path).is_file() and (out / f.path).stat().st_size == f.size for f in entry.files)
+
+
+def export_build(checkpoint: str | Path, out: str | Path, components: list[str] | None = None, moe: str = "dense",
+                 opset: int = DEFAULT_OPSET, validate: bool = True, progress: Progress = print) -> Manifest:
+    """Export (and validate) the selected components; returns the saved manifest."""
+    if moe not in MOE_LOWERINGS:
+        raise InputError(f"unknown MoE lowering {moe!r} (expected one of {list(MOE_LOWERINGS)})")
+    ckpt = CheckpointFolder(checkpoint)
+    cfg = ckpt.config
+    out = Path(out)
+    manifest = _open_manifest(out, ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    names = select_components(cfg, components)
+    specs = all_specs(cfg)
+    model_files = _copy_model_files(ckpt, out)
+    record_component(out, manifest, ComponentEntry("model", "files", model_files, fingerprint(
+        [f.sha256 for f in model_files]), {}, {}, {}, None))
+    failures = []
+    for i, name in enumerate(names, start=1):
+        spec = specs[name]
+        lowering = moe if name.startswith("layer_") and cfg.backbone.is_moe_layer(int(name[6:])) else None
+        key = fingerprint([EXPORTER_VERSION, name, lowering, opset, spec.io_dict(), source_fingerprint(ckpt, name)])
+        entry = manifest.components.get(name)
+        if _up_to_date(out, entry, key) and (entry.validation is not None or not validate):
+            progress(f"export [{i}/{len(names)}] {name}: up to date")
+            continue
+        start = time.perf_counter()
+        module = build_module(ckpt, name, moe)
+        validation = None
+        with atomic_dir(out / "onnx" / name) as tmp:
+            export_onnx(module, spec, tmp / "model.onnx", opset, cfg.backbone.vocab_size)
+            if validate:
+                validation = validate_component(name, module, tmp / "model.onnx", cases_for(cfg, name),
+                                                list(spec.outputs), out / "reports")
+        del module
+        gc.collect()
+        files = [FileEntry.of(out, p) for p in sorted((out / "onnx" / name).iterdir())]
+        meta = {"opset": opset, "moe": lowering, "seconds": round(time.perf_counter() - start, 2)}
+        record_component(out, manifest, ComponentEntry(name, "onnx", files, key, spec.io_dict()["inputs"],
+                                                       spec.io_dict()["outputs"], meta, validation))
+        summary = "" if validation is None else (
+            f", max rel err {validation['max_rel']:.1e}" + ("" if validation["passed"] else " FAILED"))
+        progress(f"export [{i}/{len(names)}] {name}: {meta['seconds']:.1f} s{summary}")
+        if validation is not None and not validation["passed"]:
+            failures.append(name)
+    manifest.checkpoint = {"path": str(ckpt.root.resolve()), "fingerprint": fingerprint(
+        [e.key for n, e in sorted(manifest.components.items()) if n != "model"])}
+    manifest.versions = versions_of(LIBRARIES)
+    manifest.options = {"moe": moe, "opset": opset, "precision": "fp32"}
+    validation = {n: e.validation for n, e in manifest.components.items() if e.validation is not None}
+    if validation:
+        write_reports(out / "reports", validation)
+        manifest.reports["validation"] = "reports/validation.json"
+    manifest.save(out)
+    if failures:
+        raise ValidationFailed(f"validation failed for {', '.join(failures)} (see reports/validation.md)",
+                               file=out)
+    return manifest

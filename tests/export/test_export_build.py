@@ -1,0 +1,116 @@
+"""``llada-edge export``: every graph validated, TensorRT-parsable operators, idempotent and crash-safe."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from llada_edge.cli import main
+from llada_edge.engines.manifest import Manifest
+from llada_edge.export import build as build_module
+from llada_edge.export.allowlist import check_tensorrt_compatible
+from llada_edge.export.build import export_build
+
+
+def test_every_component_exported_and_validated(tiny_build: Path, measure) -> None:
+    manifest = Manifest.load(tiny_build)
+    manifest.verify(tiny_build)
+    expected = {"vision_tokenizer", "sigvq", "dit_turbo", "dit_normal", "vae_decoder", "embed", "layer_0",
+                "layer_1", "layer_2", "head_text", "head_image"}
+    assert expected <= set(manifest.components)
+    for name in expected:
+        v = manifest.components[name].validation
+        assert v is not None and v["passed"], name
+        assert len(v["cases"]) >= 2
+        measure(f"onnx_vs_torch_max_rel_{name}", v["max_rel"])
+        for side in ("inputs", "outputs"):
+            assert (tiny_build / v["polygraphy"][side]).is_file()
+    layer_cases = [c["case"] for c in manifest.components["layer_1"].validation["cases"]]
+    assert any("CFG" in c for c in layer_cases) and any("edit" in c for c in layer_cases)
+    assert any("prefill" in c for c in layer_cases)
+    assert (tiny_build / "reports" / "validation.md").is_file()
+    assert manifest.options["moe"] == "dense" and manifest.versions["onnxruntime"]
+
+
+def test_dense_graphs_pass_the_tensorrt_allowlist(tiny_build: Path) -> None:
+    graphs = sorted(tiny_build.glob("onnx/*/model.onnx"))
+    assert len(graphs) == 11
+    for path in graphs:
+        assert check_tensorrt_compatible(path) == [], path.parent.name
+
+
+@pytest.fixture(scope="module")
+def ort_layers(tiny_ckpt: Path, tmp_path_factory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("ortbuild") / "b"
+    log: list[str] = []
+    export_build(tiny_ckpt, out, ["layers"], moe="ort", progress=log.append)
+    return out, log
+
+
+def test_ort_moe_lowering_matches_reference(ort_layers, measure) -> None:
+    out, _ = ort_layers
+    manifest = Manifest.load(out)
+    for name in ("layer_1", "layer_2"):  # the MoE layers (layer 0 is dense)
+        v = manifest.components[name].validation
+        measure(f"ort_moe_lowering_max_rel_{name}", v["max_rel"])
+        assert v["passed"] and v["max_rel"] <= 1e-4
+        assert manifest.components[name].meta["moe"] == "ort"
+    violations = check_tensorrt_compatible(out / "onnx" / "layer_1" / "model.onnx")
+    assert any("com.microsoft" in str(v) for v in violations)  # ORT-only graph: the check says so
+    assert manifest.components["layer_0"].meta["moe"] is None
+
+
+def test_reexport_skips_what_is_up_to_date_and_rebuilds_what_changed(ort_layers, tiny_ckpt) -> None:
+    out, _ = ort_layers
+    log: list[str] = []
+    export_build(tiny_ckpt, out, ["layers"], moe="ort", progress=log.append)
+    assert all(line.endswith("up to date") for line in log) and len(log) == 3
+    log.clear()
+    export_build(tiny_ckpt, out, ["layer_0", "layer_1"], moe="dense", progress=log.append)
+    assert log[0].endswith("layer_0: up to date")  # the dense layer does not depend on the MoE lowering
+    assert "layer_1:" in log[1] and "up to date" not in log[1]
+    assert Manifest.load(out).components["layer_1"].meta["moe"] == "dense"
+
+
+def test_changed_checkpoint_rebuilds_only_affected_components(tiny_copy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    export_build(tiny_copy, out, ["embed", "layer_0"], validate=False, progress=lambda _m: None)
+    index = json.loads((tiny_copy / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = tiny_copy / index["model.layers.0.input_layernorm.weight"]
+    assert index["model.word_embeddings.weight"] != shard.name
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # rewritten shard
+    log: list[str] = []
+    export_build(tiny_copy, out, ["embed", "layer_0"], validate=False, progress=log.append)
+    assert log[0].endswith("embed: up to date") and "up to date" not in log[1]
+
+
+def test_interrupted_export_leaves_nothing_trusted(tiny_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "b"
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "validate_component", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_build(tiny_ckpt, out, ["sigvq"], progress=lambda _m: None)
+    assert not (out / "onnx" / "sigvq").exists()
+    assert not list((out / "onnx").glob(".*")) if (out / "onnx").exists() else True
+    assert "sigvq" not in Manifest.load(out).components
+    monkeypatch.undo()
+    export_build(tiny_ckpt, out, ["sigvq"], progress=lambda _m: None)
+    assert Manifest.load(out).components["sigvq"].validation["passed"]
+
+
+def test_export_cli_errors(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "b"), "--components",
+                 "layer_99"]) == 2
+    assert "unknown component 'layer_99'" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "junk")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
