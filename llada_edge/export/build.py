@@ -17,10 +17,13 @@ leaves nothing that a later run (or the runtime) would trust.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
 import gc
 import io
 import logging
+import multiprocessing
 import shutil
 import time
 import warnings
@@ -47,9 +50,11 @@ from llada_edge.errors import InputError, LladaEdgeError
 from llada_edge.export.components import MOE_LOWERINGS, build_module, select_components, source_fingerprint
 from llada_edge.export.components import validation_cases as cases_for
 from llada_edge.export.specs import ComponentSpec, all_specs
-from llada_edge.export.validate import validate_component, write_reports
+from llada_edge.export.validate import reference_outputs, validate_component, write_reports
+from llada_edge.layout import backbone_layer_layout
 
 EXPORTER_VERSION = 1  # bump when a graph changes, so older exports are rebuilt
+ISOLATE_BYTES = 256 * 1024 * 1024  # components above this are exported in a fresh process
 DEFAULT_OPSET = 20
 MODEL_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "image_tokenizer/config.json",
                "image_tokenizer/preprocessor_config.json", "decoder/config.json", "decoder-turbo/config.json",
@@ -61,6 +66,14 @@ Progress = Callable[[str], None]
 
 class ValidationFailed(LladaEdgeError):
     """An exported graph disagrees with the reference beyond the tolerance (the files are kept)."""
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap back to the OS (glibc keeps large freed arenas otherwise, and the
+    process would grow by one component per component instead of staying at one component)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _trace_inputs(spec: ComponentSpec, cfg_vocab: int) -> dict[str, torch.Tensor]:
@@ -130,6 +143,43 @@ def _up_to_date(out: Path, entry: ComponentEntry | None, key: str) -> bool:
     return all((out / f.path).is_file() and (out / f.path).stat().st_size == f.size for f in entry.files)
 
 
+def component_bytes(ckpt: CheckpointFolder, name: str) -> int:
+    """Stored bytes of a component's weights (decides whether it is exported in its own process)."""
+    if name.startswith("layer_") or name in ("embed", "head_text", "head_image"):
+        keys = {"embed": ["model.word_embeddings.weight"], "head_text": ["lm_head.weight"],
+                "head_image": ["lm_head.weight"]}.get(name) or list(
+            backbone_layer_layout(ckpt.config.backbone, int(name.split("_", 1)[1])))
+        return sum(ckpt.backbone.info(k).nbytes for k in keys if k in ckpt.backbone)
+    if name == "vision_tokenizer":
+        return ckpt.vision.total_bytes
+    if name.startswith("dit_"):
+        return ckpt.decoder(name.split("_", 1)[1]).total_bytes
+    if name == "vae_decoder":
+        return ckpt.vae_weights.total_bytes
+    return ckpt.sigvq_path.stat().st_size
+
+
+def export_component(checkpoint: str, name: str, moe: str, opset: int, validate: bool, reports_dir: str,
+                     tmp_dir: str) -> dict | None:
+    """Build, export and validate one component into ``tmp_dir``; returns its validation summary.
+
+    Module-level (and picklable arguments only) so it can run in a spawned process.
+    """
+    ckpt = CheckpointFolder(checkpoint)
+    cfg = ckpt.config
+    spec = all_specs(cfg)[name]
+    path = Path(tmp_dir) / "model.onnx"
+    module = build_module(ckpt, name, moe)
+    export_onnx(module, spec, path, opset, cfg.backbone.vocab_size)
+    cases = cases_for(cfg, name) if validate else []
+    references = reference_outputs(module, cases, list(spec.outputs))
+    del module  # before ORT loads the same weights: one copy in memory at a time
+    release_memory()
+    if not validate:
+        return None
+    return validate_component(name, path, cases, references, list(spec.outputs), Path(reports_dir))
+
+
 def export_build(checkpoint: str | Path, out: str | Path, components: list[str] | None = None, moe: str = "dense",
                  opset: int = DEFAULT_OPSET, validate: bool = True, progress: Progress = print) -> Manifest:
     """Export (and validate) the selected components; returns the saved manifest."""
@@ -155,15 +205,16 @@ def export_build(checkpoint: str | Path, out: str | Path, components: list[str] 
             progress(f"export [{i}/{len(names)}] {name}: up to date")
             continue
         start = time.perf_counter()
-        module = build_module(ckpt, name, moe)
-        validation = None
+        job = (str(ckpt.root), name, moe, opset, validate, str(out / "reports"))
         with atomic_dir(out / "onnx" / name) as tmp:
-            export_onnx(module, spec, tmp / "model.onnx", opset, cfg.backbone.vocab_size)
-            if validate:
-                validation = validate_component(name, module, tmp / "model.onnx", cases_for(cfg, name),
-                                                list(spec.outputs), out / "reports")
-        del module
-        gc.collect()
+            if component_bytes(ckpt, name) > ISOLATE_BYTES:
+                # A fresh process per large component: the exporter keeps references to the weights it
+                # traced, so only process exit bounds the memory to one component at a time.
+                ctx = multiprocessing.get_context("spawn")
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                    validation = pool.submit(export_component, *job, str(tmp)).result()
+            else:
+                validation = export_component(*job, str(tmp))
         files = [FileEntry.of(out, p) for p in sorted((out / "onnx" / name).iterdir())]
         meta = {"opset": opset, "moe": lowering, "seconds": round(time.perf_counter() - start, 2)}
         record_component(out, manifest, ComponentEntry(name, "onnx", files, key, spec.io_dict()["inputs"],

@@ -62,32 +62,36 @@ def passed(stats: dict[str, dict[str, float]]) -> bool:
     return True
 
 
-def validate_component(name: str, module: nn.Module, onnx_path: Path, cases: list[Case], output_names: list[str],
-                       reports_dir: Path) -> dict:
-    """Run every case through ORT and the module; save Polygraphy files; return the summary."""
+def reference_outputs(module: nn.Module, cases: list[Case], output_names: list[str]) -> list[dict[str, np.ndarray]]:
+    """The reference side of the comparison, computed first so the module can be freed before ORT loads."""
+    return [run_reference(module, feed, output_names) for _, feed in cases]
+
+
+def validate_component(name: str, onnx_path: Path, cases: list[Case], references: list[dict[str, np.ndarray]],
+                       output_names: list[str], reports_dir: Path) -> dict:
+    """Run every case through ORT and compare with the references; save Polygraphy files; summarise."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # give the memory back when the session closes (bounded export memory)
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    results, feeds, refs = [], [], []
-    for label, feed in cases:
-        ref = run_reference(module, feed, output_names)
+    results, feeds = [], []
+    for (label, feed), ref in zip(cases, references, strict=True):
         got = dict(zip(output_names, session.run(output_names, feed), strict=True))
         stats = compare(ref, got)
         results.append({"case": label, "outputs": stats, "passed": passed(stats)})
         feeds.append(feed)
-        refs.append(ref)
     del session
     poly = reports_dir / "polygraphy"
     poly.mkdir(parents=True, exist_ok=True)
     save_inputs(poly / f"{name}.inputs.json", feeds)
-    save_outputs(poly / f"{name}.outputs.json", refs)
+    save_outputs(poly / f"{name}.outputs.json", references)
     worst = {"max_abs": 0.0, "max_rel": 0.0, "mismatch_fraction": 0.0}
     for r in results:
-        for s in r["outputs"].values():
+        for st in r["outputs"].values():
             for key in worst:
-                worst[key] = max(worst[key], s.get(key, 0.0))
+                worst[key] = max(worst[key], st.get(key, 0.0))
     return {"passed": all(r["passed"] for r in results), "tolerance_rel": RELATIVE_TOLERANCE, **worst,
             "cases": results, "polygraphy": {"inputs": f"reports/polygraphy/{name}.inputs.json",
                                              "outputs": f"reports/polygraphy/{name}.outputs.json"}}

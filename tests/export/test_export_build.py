@@ -114,3 +114,14 @@ def test_export_cli_errors(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
     (tmp_path / "junk" / "notes.txt").write_text("x")
     assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "junk")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_large_components_export_in_their_own_process(tiny_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """Components above ISOLATE_BYTES run in a spawned process (memory bounded by process exit)."""
+    monkeypatch.setattr(build_module, "ISOLATE_BYTES", 0)
+    out = tmp_path / "b"
+    export_build(tiny_ckpt, out, ["sigvq", "layer_1"], progress=lambda _m: None)
+    manifest = Manifest.load(out)
+    assert manifest.components["layer_1"].validation["passed"]
+    assert manifest.components["sigvq"].validation["passed"]
+    assert not list((out / "onnx").glob(".*"))
