@@ -187,7 +187,7 @@ def export_build(checkpoint: str | Path, out: str | Path, components: list[str] 
         raise InputError(f"unknown MoE lowering {moe!r} (expected one of {list(MOE_LOWERINGS)})")
     ckpt = CheckpointFolder(checkpoint)
     cfg = ckpt.config
-    out = Path(out)
+    out = Path(out).absolute()
     manifest = _open_manifest(out, ckpt)
     out.mkdir(parents=True, exist_ok=True)
     names = select_components(cfg, components)

@@ -125,3 +125,14 @@ def test_large_components_export_in_their_own_process(tiny_ckpt: Path, tmp_path:
     assert manifest.components["layer_1"].validation["passed"]
     assert manifest.components["sigvq"].validation["passed"]
     assert not list((out / "onnx").glob(".*"))
+
+
+def test_export_with_relative_paths(tiny_ckpt: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """What `make engines` does: relative --checkpoint and --out."""
+    import shutil
+
+    shutil.copytree(tiny_ckpt, tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", "ck", "--out", "build/b", "--components", "sigvq"]) == 0
+    assert "1 components" in capsys.readouterr().out
+    Manifest.load(tmp_path / "build" / "b").verify(tmp_path / "build" / "b")
