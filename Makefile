@@ -36,13 +36,18 @@ run: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/config
 	$(PY) -m llada_edge.cli run edit --model $(CHECKPOINT) --image build/run/t2i.png \
 		--prompt "make it night" --out build/run/edit.png
 
-# Synthetic checkpoint -> ONNX export (validated against the reference) -> one t2i, one understanding and
-# one edit request on ONNX Runtime -> timing table. Re-running skips every up-to-date component.
+# Synthetic checkpoint -> ONNX export (validated against the reference) -> engines for TARGET/PRECISION
+# (with an accuracy report) -> one t2i, one understanding and one edit request on ONNX Runtime -> timing
+# table. TARGET=tensorrt exports the dense MoE lowering and needs TensorRT + a GPU. Re-running skips every
+# up-to-date step.
 engines: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/config.json)
-	@test "$(TARGET)" = onnxruntime || (echo "make engines: TARGET=$(TARGET) is not available yet (onnxruntime)"; exit 2)
-	@test "$(PRECISION)" = fp32 || (echo "make engines: PRECISION=$(PRECISION) is not available yet (fp32)"; exit 2)
-	$(PY) -m llada_edge.cli export --checkpoint $(CHECKPOINT) --out $(BUILD) --moe ort
-	$(PY) -m llada_edge.cli demo --model $(BUILD) --out $(BUILD)/demo
+	$(PY) -m llada_edge.cli export --checkpoint $(CHECKPOINT) --out $(BUILD) \
+		--moe $(if $(filter tensorrt,$(TARGET)),dense,ort)
+	$(if $(filter fp32,$(PRECISION)),$(if $(filter tensorrt,$(TARGET)),$(PY) -m llada_edge.cli build --build $(BUILD) \
+		--target $(TARGET) --precision $(PRECISION)),$(PY) -m llada_edge.cli build --build $(BUILD) --target $(TARGET) \
+		--precision $(PRECISION))
+	$(if $(filter onnxruntime,$(TARGET)),$(PY) -m llada_edge.cli demo --model $(BUILD) --precision $(PRECISION) \
+		--out $(BUILD)/demo-$(PRECISION))
 
 lint: install
 	$(PY) -m ruff check llada_edge tests benchmarks

@@ -6,6 +6,7 @@
 * ``run``       -> :class:`llada_edge.runtime.Pipeline` (understand, chat, t2i, edit)
 * ``export``    -> :func:`llada_edge.export.build.export_build`
 * ``demo``      -> :func:`llada_edge.demo.run_demo`
+* ``build``     -> :func:`llada_edge.engines.build.build_engines`
 
 Bad input (a broken folder, a wrong size...) exits with code 2 and a one-line reason on stderr,
 never a traceback; an export whose numeric validation fails exits with code 1.
@@ -84,7 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llada_edge.runtime.pipeline import stderr_progress
 
     backend = resolve_backend(args.backend, args.model) if Path(args.model).is_dir() else args.backend
-    options = {"device": args.device, "dtype": args.dtype} if backend == "torch" else {}
+    options = ({"device": args.device, "dtype": args.dtype} if backend == "torch"
+               else {"precision": args.precision})
     pipe = Pipeline.load(args.model, backend=args.backend, progress=None if args.quiet else stderr_progress,
                          **options)
     sprint = _sprint_config(args)
@@ -135,11 +137,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from llada_edge.calibration.recipes import parse_overrides
+    from llada_edge.engines.build import build_engines
+
+    manifest = build_engines(args.build, args.target, args.precision, parse_overrides(args.override),
+                             report=not args.no_report, progress=_progress)
+    report = manifest.reports.get(f"accuracy-{args.precision}")
+    if report:
+        print(f"{args.build}: {args.target} {args.precision} engines; accuracy report {report['path']}: "
+              f"{'pass' if report['passed'] else 'FAIL'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llada_edge.demo import format_table, run_demo
     from llada_edge.runtime.pipeline import stderr_progress
 
-    rows = run_demo(args.model, args.out, args.backend, args.size, progress=stderr_progress)
+    rows = run_demo(args.model, args.out, args.backend, args.size, progress=stderr_progress,
+                    precision=args.precision)
     from llada_edge.runtime.backend import resolve_backend
 
     print(format_table(rows, resolve_backend(args.backend, args.model)))
@@ -218,8 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="build folder (onnxruntime) or checkpoint folder (torch)")
     p.add_argument("--backend", default="auto", help="auto, torch or onnxruntime")
     p.add_argument("--size", type=int, default=256, help="t2i image size (default 256)")
+    p.add_argument("--precision", default="fp32", help="onnxruntime engines to use (default fp32)")
     p.add_argument("--out", default="build/demo", help="where the PNGs go (default build/demo)")
     p.set_defaults(func=cmd_demo)
+
+    from llada_edge.calibration.recipes import KINDS, RECIPES
+
+    p = sub.add_parser("build", help="engines for a target and precision, with an accuracy report",
+                       description="Build engines from an exported build folder. onnxruntime: weights rewritten to "
+                       "QMoE (experts) / MatMulNBits (dense) / fp8 storage per the recipe, then an accuracy report "
+                       "against fp32 on held-out requests (reports/accuracy-<precision>.md). tensorrt: strongly "
+                       "typed engines (needs TensorRT and an NVIDIA GPU).")
+    p.add_argument("--build", required=True, help="build folder made by `llada-edge export`")
+    p.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    p.add_argument("--precision", choices=list(RECIPES), default="int4", help="recipe (default int4)")
+    p.add_argument("--override", nargs="+", metavar="KIND=FORMAT",
+                   help=f"per-kind formats, e.g. dit=fp8 (kinds: {' '.join(KINDS)}; formats: fp32 fp8 int8 int4)")
+    p.add_argument("--no-report", action="store_true", help="skip the accuracy report")
+    p.set_defaults(func=cmd_build)
     return parser
 
 
@@ -238,6 +270,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                    "onnxruntime for a build folder, torch for a checkpoint folder)")
     p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="torch backend dtype")
+    p.add_argument("--precision", default="fp32", help="onnxruntime backend: which engines of the build (fp32, "
+                   "fp8, int8, int4, mixed; see `llada-edge build`)")
     p.add_argument("--image", help="input image (understand, edit)")
     p.add_argument("--prompt", help="question (understand), message (chat), prompt (t2i), instruction (edit)")
     p.add_argument("--system", help="chat: system prompt (default: the understanding assistant prompt)")

@@ -24,10 +24,13 @@ STAGES = ("tokenizer", "thinking", "backbone", "sigvq", "dit", "vae", "total")
 
 
 def run_demo(model: str | Path, out_dir: str | Path, backend: str = "auto", size: int = 256,
-             progress: Any = None) -> list[DemoRow]:
+             progress: Any = None, precision: str = "fp32") -> list[DemoRow]:
+    from llada_edge.runtime.backend import resolve_backend
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline.load(model, backend=backend, progress=progress)
+    options = {"precision": precision} if resolve_backend(backend, model) == "onnxruntime" else {}
+    pipe = Pipeline.load(model, backend=backend, progress=progress, **options)
     rows = []
     t2i = pipe.generate_image("a lighthouse on a cliff at dusk", size, size)
     rows.append(DemoRow("t2i", str(t2i.save(out_dir / "t2i.png")), t2i.forward_passes, t2i.timings))

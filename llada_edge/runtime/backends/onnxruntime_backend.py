@@ -43,12 +43,17 @@ class _Buffers:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, build_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 verify: bool = True) -> None:
+    def __init__(self, build_dir: str | Path, precision: str = "fp32", providers: list[str] | None = None,
+                 threads: int | None = None, verify: bool = True) -> None:
         import onnxruntime as ort
 
         self.build_dir = Path(build_dir)
         self.manifest = Manifest.load(self.build_dir)
+        self.precision = precision
+        prefix = f"onnxruntime/{precision}/"
+        if precision != "fp32" and not any(n.startswith(prefix) for n in self.manifest.components):
+            raise InputError(f"{self.build_dir}: no {precision} engines in this build; create them with `llada-edge "
+                             f"build --build {self.build_dir} --target onnxruntime --precision {precision}`")
         if verify:
             self.manifest.verify(self.build_dir)  # a tampered or missing file is a BuildError
         self.config = ModelConfig.from_folder(self.build_dir / "model")
@@ -86,7 +91,10 @@ class OnnxRuntimeBackend:
             if name not in self.manifest.components:
                 raise InputError(f"{self.build_dir}: no {name!r} in this build; export it with "
                                  f"`llada-edge export --components {name}`")
-            path = self.build_dir / "onnx" / name / "model.onnx"
+            engine = f"onnxruntime/{self.precision}/{name}"
+            # a precision's engine when the recipe rewrote this component, else the exported fp32 graph
+            path = (self.build_dir / "engines" / engine if engine in self.manifest.components
+                    else self.build_dir / "onnx" / name) / "model.onnx"
             self._sessions[name] = self._ort.InferenceSession(str(path), self._options, providers=self._providers)
             self._bindings[name] = self._sessions[name].io_binding()
         return self._sessions[name]
@@ -180,6 +188,11 @@ class OnnxRuntimeBackend:
             self._v[i][:, :, self._len:self._len + n] = buf.v_blk[i]
         self._valid[:, self._len:self._len + n] = valid
         self._len += n
+
+    def hidden_states(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Final hidden states of a whole sequence (block-causal, no cache): for accuracy checks."""
+        self.start(ids.shape[0], 1)
+        return self._backbone(ids, positions, valid, causal_blocks=True, use_keep=False).hidden[0].copy()
 
     def prefill(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
         if self._len:

@@ -1,0 +1,104 @@
+"""Precision recipes: which weights get which number format, per kind of weight (typed configs).
+
+Kinds of weights:
+
+* ``experts``  routed MoE experts (~94% of the backbone's bytes; what decides memory traffic);
+* ``dense``    attention projections, the shared expert, the dense layer-0 MLP;
+* ``dit``      the Z-Image decoder transformers (turbo and normal);
+* ``vision``   the SigLIP ViT of the image tokenizer (its VQ codebook search always stays fp32, ids
+               are an argmax over cosine similarities and would flip);
+* ``router``   the MoE gate (fp32 unless asked: routing decides which experts run at all);
+* ``lm_head``  the output head (fp32 unless asked: every sampled token comes from it).
+
+Formats: ``fp32``; ``fp8`` (e4m3, per-output-channel scale); ``int8`` (symmetric, per output channel);
+``int4`` (symmetric, block-wise along the input dimension, block 128 or the largest power of two
+that divides a smaller dimension). Components may override any kind: ``mixed`` is experts int4 with
+everything else fp8; ``Recipe.with_overrides(dit="fp8")`` gives "backbone int4, decoder fp8".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from llada_edge.errors import InputError
+
+FORMATS = ("fp32", "fp8", "int8", "int4")
+KINDS = ("experts", "dense", "dit", "vision", "router", "lm_head")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    experts: str
+    dense: str
+    dit: str
+    vision: str
+    router: str = "fp32"
+    lm_head: str = "fp32"
+    int4_block: int = 128
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            if getattr(self, kind) not in FORMATS:
+                raise InputError(f"recipe {self.name!r}: {kind}={getattr(self, kind)!r} is not one of {list(FORMATS)}")
+
+    def with_overrides(self, **kinds: str) -> Recipe:
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise InputError(f"unknown weight kinds {sorted(unknown)} (expected some of {list(KINDS)})")
+        name = self.name + "".join(f"+{k}={v}" for k, v in sorted(kinds.items()))
+        return replace(self, name=name, **kinds)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def is_float(self) -> bool:
+        return all(getattr(self, k) == "fp32" for k in KINDS)
+
+
+RECIPES: dict[str, Recipe] = {
+    "fp32": Recipe("fp32", experts="fp32", dense="fp32", dit="fp32", vision="fp32"),
+    "fp8": Recipe("fp8", experts="fp8", dense="fp8", dit="fp8", vision="fp8"),
+    "int8": Recipe("int8", experts="int8", dense="int8", dit="int8", vision="int8"),
+    # The ViT stays int8 under int4: its output is an argmax over a 16384-entry codebook.
+    "int4": Recipe("int4", experts="int4", dense="int4", dit="int4", vision="int8"),
+    "mixed": Recipe("mixed", experts="int4", dense="fp8", dit="fp8", vision="fp8"),
+}
+
+
+def get_recipe(name: str, overrides: dict[str, str] | None = None) -> Recipe:
+    if name not in RECIPES:
+        raise InputError(f"unknown precision {name!r} (expected one of {list(RECIPES)})")
+    recipe = RECIPES[name]
+    return recipe.with_overrides(**overrides) if overrides else recipe
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """``["dit=fp8", "lm_head=int8"]`` -> {"dit": "fp8", "lm_head": "int8"}."""
+    out = {}
+    for item in items or []:
+        kind, sep, fmt = item.partition("=")
+        if not sep:
+            raise InputError(f"expected KIND=FORMAT, got {item!r}")
+        out[kind] = fmt
+    return out
+
+
+def int4_block_size(k: int, preferred: int = 128, exact: bool = True) -> int:
+    """Block along K: ``preferred`` when it divides K, else the largest power of two >= 16 that does.
+
+    ``exact=False`` (MatMulNBits, which pads a partial last block): the largest power of two >= 16 that
+    is <= min(K, preferred) when nothing divides K.
+    """
+    block = preferred
+    while block >= 16:
+        if k % block == 0:
+            return block
+        block //= 2
+    if not exact and k >= 16:
+        block = 16
+        while block * 2 <= min(k, preferred):
+            block *= 2
+        return block
+    raise InputError(f"no int4 block size (power of two >= 16) divides K={k}")

@@ -1,0 +1,196 @@
+"""The accuracy report of a precision recipe: quantized engines vs the fp32 graphs of the same build.
+
+Measured on the *held-out* requests of ``calibration_set.json`` (never used for calibration):
+
+* ``logit_cosine`` / ``top1_agreement``: backbone logits at masked positions of partially masked
+  sequences (mask ratios 0.25 / 0.5 / 0.9; image positions through the image head, answer positions
+  through the text head). Teacher-forced: both sides see the same tokens.
+* ``generated_agreement_understand`` / ``generated_agreement_t2i``: share of positions where the full
+  pipelines generate the same token (errors compound: the strictest measure).
+* ``tokenizer_id_agreement``: VQ ids of the held-out images.
+* ``dit_velocity_rel_error``: ||v_q - v|| / ||v|| of one decoder evaluation (turbo and normal).
+* ``decode_psnr_db``: the same VQ ids decoded by both sides; ``t2i_psnr_db``: both full pipelines.
+
+Each recipe has thresholds (:data:`THRESHOLDS`); the report says which passed. They were set from the
+tiny synthetic preset, whose random router has near-tied expert scores (sigmoid of N(0,1) logits), so a
+small perturbation reroutes tokens: real checkpoints, with decisive routing, should do better. The
+bounds still separate a working recipe from a broken one (a wrong scale or layout gives cosine ~0).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from llada_edge.reference import procedural_image
+from llada_edge.runtime import Pipeline
+from llada_edge.runtime import prompts as prompt_lib
+from llada_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from llada_edge.runtime.images import smart_resize, to_pixels
+
+CALIBRATION_SET = Path(__file__).resolve().parent.parent / "calibration" / "calibration_set.json"
+MASK_RATIOS = (0.25, 0.5, 0.9)
+
+# metric -> bound ("min" for agreements/cosines/PSNR, "max" for errors). Measured on the tiny preset
+# (build/engines-tiny, `make engines PRECISION=...`): cosine fp8 0.993 / int8 0.993 / int4 0.964 / mixed
+# 0.988; top-1 0.77 / 0.91 / 0.49 / 0.58; tokenizer ids 0.90 / 0.96 / 0.96 / 0.90; DiT velocity error
+# 0.037 / 0.012 / 0.14 / 0.037; decode PSNR 49 / 56 / 38 / 49 dB. Top-1 is low because the random
+# lm_head makes flat logits (top-1 vs top-2 gap ~0.2 sigma): it flips on perturbations that leave the
+# cosine at 0.99. Bounds sit below these with margin; a broken scale or layout gives cosine ~0.
+THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
+    "fp8": {"logit_cosine": ("min", 0.98), "top1_agreement": ("min", 0.65), "tokenizer_id_agreement": ("min", 0.8),
+            "dit_velocity_rel_error": ("max", 0.08), "decode_psnr_db": ("min", 35.0)},
+    "int8": {"logit_cosine": ("min", 0.98), "top1_agreement": ("min", 0.8), "tokenizer_id_agreement": ("min", 0.85),
+             "dit_velocity_rel_error": ("max", 0.04), "decode_psnr_db": ("min", 40.0)},
+    "int4": {"logit_cosine": ("min", 0.93), "top1_agreement": ("min", 0.35), "tokenizer_id_agreement": ("min", 0.85),
+             "dit_velocity_rel_error": ("max", 0.25), "decode_psnr_db": ("min", 28.0)},
+    "mixed": {"logit_cosine": ("min", 0.96), "top1_agreement": ("min", 0.45), "tokenizer_id_agreement": ("min", 0.8),
+              "dit_velocity_rel_error": ("max", 0.08), "decode_psnr_db": ("min", 35.0)},
+}
+
+Progress = Callable[[str], None]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
+def _masked_sequences(pipe: Pipeline, evaluation: dict, rng: np.random.Generator) -> list[tuple[str, np.ndarray, int]]:
+    """(head, ids, first generated index) for held-out t2i prompts and understanding questions."""
+    tok, cfg = pipe.tokenizer, pipe.config
+    b = cfg.backbone
+    out = []
+    for prompt in evaluation["t2i"]:
+        prefix = prompt_lib.t2i_prompt(tok, prompt, 8, 8)
+        body = rng.integers(0, b.num_image_tokens, 64) + b.image_token_offset
+        out.append(("image", np.asarray(prefix + body.tolist()), len(prefix)))
+    img = Image.fromarray(procedural_image(128, 128, evaluation["image_seeds"][0]))
+    pixels = to_pixels(smart_resize(img), cfg.preprocessor.image_mean, cfg.preprocessor.image_std)
+    ids = pipe.backend.tokenize_image(pixels)
+    gh, gw = pixels.shape[2] // 16, pixels.shape[3] // 16
+    for question in evaluation["understand"]:
+        prefix = prompt_lib.understanding_prompt(tok, ids.tolist(), gh, gw, question, b.image_token_offset)
+        answer = rng.integers(0, 5000, 64)
+        out.append(("text", np.asarray(prefix + answer.tolist()), len(prefix)))
+    return out
+
+
+def _teacher_forced(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    mask = ref.config.backbone.mask_token_id
+    cosines, agree = [], []
+    for head, seq, start in _masked_sequences(ref, evaluation, rng):
+        for ratio in MASK_RATIOS:
+            ids = seq.copy()
+            masked = np.zeros(len(ids), bool)
+            masked[start:] = rng.random(len(ids) - start) < ratio
+            ids[masked] = mask
+            feeds = (ids[None], np.arange(len(ids))[None], np.ones((1, len(ids)), bool))
+            logits = []
+            for pipe in (ref, quant):
+                hidden = pipe.backend.hidden_states(*feeds)[:, masked]
+                run_head = pipe.backend.head_image if head == "image" else pipe.backend.head_text
+                logits.append(run_head(hidden)[0].copy())
+            cosines.extend(_cosine(logits[0], logits[1]).tolist())
+            agree.extend((logits[0].argmax(-1) == logits[1].argmax(-1)).tolist())
+    return {"logit_cosine": float(np.mean(cosines)), "top1_agreement": float(np.mean(agree)),
+            "masked_positions": len(agree)}
+
+
+def _generation(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[str, float]:
+    img = Image.fromarray(procedural_image(128, 128, evaluation["image_seeds"][1]))
+    a, b = (p.understand(img, evaluation["understand"][0], max_new_tokens=32, steps=8) for p in (ref, quant))
+    n = max(len(a.tokens), len(b.tokens), 1)
+    understand = sum(x == y for x, y in zip(a.tokens, b.tokens, strict=False)) / n
+    ta, tb = (p.generate_image(evaluation["t2i"][0], 128, 128, steps=4) for p in (ref, quant))
+    t2i = float(np.mean(np.asarray(ta.vq_tokens) == np.asarray(tb.vq_tokens)))
+    return {"generated_agreement_understand": float(understand), "generated_agreement_t2i": t2i,
+            "t2i_psnr_db": _psnr(np.asarray(ta.image), np.asarray(tb.image))}
+
+
+def _image_side(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[str, float]:
+    cfg = ref.config
+    agree = []
+    for seed in evaluation["image_seeds"]:
+        img = smart_resize(Image.fromarray(procedural_image(160, 224, seed)))
+        pixels = to_pixels(img, cfg.preprocessor.image_mean, cfg.preprocessor.image_std)
+        agree.append(float(np.mean(ref.backend.tokenize_image(pixels) == quant.backend.tokenize_image(pixels))))
+    rng = np.random.default_rng(1)
+    errors = {}
+    for mode, rows in (("turbo", 1), ("normal", 2)):
+        dec = cfg.decoders[mode]
+        latent = rng.standard_normal((rows, dec.in_channels, 1, 16, 16)).astype(np.float32)
+        cap = rng.standard_normal((rows, 64, dec.cap_feat_dim)).astype(np.float32)
+        t = np.full(rows, 0.4, np.float32)
+        va, vb = (p.backend.dit(mode, latent, t, cap) for p in (ref, quant))
+        errors[mode] = float(np.linalg.norm(vb - va) / np.linalg.norm(va))
+    tokens = rng.integers(0, cfg.vision.num_embeddings, 16).tolist()
+    da, db = (p.decode(tokens, 128, 128, seed=3) for p in (ref, quant))
+    return {"tokenizer_id_agreement": float(np.mean(agree)), "dit_velocity_rel_error": max(errors.values()),
+            "dit_velocity_rel_error_turbo": errors["turbo"], "dit_velocity_rel_error_normal": errors["normal"],
+            "decode_psnr_db": _psnr(np.asarray(da.image), np.asarray(db.image))}
+
+
+def check_thresholds(precision: str, metrics: dict[str, float]) -> dict[str, dict]:
+    checks = {}
+    for metric, (kind, bound) in THRESHOLDS.get(precision.split("+")[0], {}).items():
+        value = metrics[metric]
+        ok = value >= bound if kind == "min" else value <= bound
+        checks[metric] = {"value": value, kind: bound, "passed": bool(ok)}
+    return checks
+
+
+def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = print) -> dict:
+    """Measure a precision against fp32 on the held-out set; write reports/accuracy-<precision>.{json,md}."""
+    build_dir = Path(build_dir)
+    evaluation = json.loads(CALIBRATION_SET.read_text())["evaluation"]
+    ref = Pipeline(OnnxRuntimeBackend(build_dir, "fp32", verify=False), _tokenizer(build_dir))
+    quant = Pipeline(OnnxRuntimeBackend(build_dir, precision, verify=False), _tokenizer(build_dir))
+    progress(f"accuracy ({precision}): teacher-forced logits ...")
+    metrics = _teacher_forced(ref, quant, evaluation)
+    progress(f"accuracy ({precision}): generation ...")
+    metrics.update(_generation(ref, quant, evaluation))
+    progress(f"accuracy ({precision}): tokenizer, decoder ...")
+    metrics.update(_image_side(ref, quant, evaluation))
+    checks = check_thresholds(precision, metrics)
+    report = {"precision": precision, "reference": "fp32 graphs of the same build", "metrics": metrics,
+              "thresholds": checks, "passed": all(c["passed"] for c in checks.values())}
+    _write(build_dir / "reports", precision, report)
+    from llada_edge.engines.manifest import Manifest
+
+    manifest = Manifest.load(build_dir)
+    manifest.reports[f"accuracy-{precision}"] = {"path": f"reports/accuracy-{precision}.json",
+                                                 "passed": report["passed"], **metrics}
+    manifest.save(build_dir)
+    progress(f"accuracy ({precision}): {'pass' if report['passed'] else 'FAIL'} "
+             f"(cosine {metrics['logit_cosine']:.4f}, top-1 {metrics['top1_agreement']:.3f})")
+    return report
+
+
+def _tokenizer(build_dir: Path):
+    from llada_edge.runtime.text import TextTokenizer
+
+    return TextTokenizer.from_file(build_dir / "model" / "tokenizer.json")
+
+
+def _write(reports: Path, precision: str, report: dict) -> None:
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"accuracy-{precision}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Accuracy: {precision} vs fp32 (held-out requests)", "", "| metric | value | bound | result |",
+             "|---|---|---|---|"]
+    for metric, value in report["metrics"].items():
+        check = report["thresholds"].get(metric)
+        bound = "" if check is None else (f">= {check['min']}" if "min" in check else f"<= {check['max']}")
+        result = "" if check is None else ("pass" if check["passed"] else "FAIL")
+        lines.append(f"| {metric} | {value:.4g} | {bound} | {result} |")
+    (reports / f"accuracy-{precision}.md").write_text("\n".join(lines) + "\n")

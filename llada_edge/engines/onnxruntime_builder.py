@@ -1,0 +1,293 @@
+"""ONNX Runtime CPU engines: the fp32 graphs of a build rewritten to the weight formats of a recipe.
+
+* Routed experts (the ``com.microsoft.MoE`` node of the ``ort`` MoE lowering) become ``QMoE``:
+  int4 with block-wise symmetric scales, or int8 with per-row scales, stored unsigned with the implicit
+  zero point 8 / 128 (ORT's storage contract, checked against a numpy dequantization in the tests),
+  SwiGLU interleaved, ``accuracy_level=4`` (int8 activations: the fast MLAS path).
+* Other constant-weight matmuls become ``MatMulNBits`` (int4 block-wise / int8, symmetric,
+  ``accuracy_level=4``) through ONNX Runtime's own ``MatMulNBitsQuantizer``.
+* fp8 has no CPU kernel: weights are *stored* as float8 e4m3 with per-output-channel scales and a
+  ``DequantizeLinear`` in front of the fp32 computation (numerics of fp8 weights, fp32 speed). That is
+  what the fp8 accuracy report measures; TensorRT engines compute in fp8.
+* The MoE router, the lm_head and the VQ codebook search stay fp32 unless the recipe asks otherwise.
+
+Every rewrite is counted (:func:`precision_census`) so a recipe that silently left weights in fp32
+is caught.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from llada_edge.calibration.recipes import Recipe, int4_block_size
+from llada_edge.errors import LladaEdgeError
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Graph helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray | TensorProto) -> None:
+    inits = model.graph.initializer
+    for i, t in enumerate(inits):
+        if t.name == name:
+            del inits[i]
+            break
+    inits.append(array if isinstance(array, TensorProto) else numpy_helper.from_array(array, name))
+
+
+def _remove_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Gemm(x, W[N,K], transB=1) with constant W (a torch Linear on 2-D input) -> MatMul(x, W^T) (+ Add bias).
+
+    MatMulNBits and the fp8 rewrite handle MatMul with a [K, N] weight; this makes every Linear one.
+    """
+    inits = _inits(model)
+    nodes, changed = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        name_t = node.input[1] + "_T"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name_t))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name_t], [mm_out], name=node.name + "_mm"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        changed += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _remove_unused_initializers(model)
+    return changed
+
+
+def constant_matmuls(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
+    """MatMul nodes whose second input is a 2-D initializer: (node, weight name)."""
+    inits = _inits(model)
+    return [(n, n.input[1]) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which weights are which kind
+# ----------------------------------------------------------------------------------------------
+
+
+def matmul_kind(component: str, model: onnx.ModelProto, node: onnx.NodeProto, weight: str) -> str:
+    """Map a constant matmul of a component to a recipe kind (or "keep" for weights never quantized)."""
+    if component.startswith("layer_"):
+        return "router" if "mlp.gate.weight" in weight else "dense"
+    if component in ("head_text", "head_image"):
+        return "lm_head"
+    if component.startswith("dit_") or component == "sigvq":
+        return "dit"
+    if component == "vision_tokenizer":
+        feeds_argmax = any(c.op_type == "ArgMax" for c in _consumers(model).get(node.output[0], []))
+        return "keep" if feeds_argmax else "vision"  # the VQ codebook search stays exact
+    return "keep"
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewrites
+# ----------------------------------------------------------------------------------------------
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization of [..., N, K] along K (blocks of ``block``, or the whole row).
+
+    Returns (unsigned storage [..., N, K*bits/8] with zero point 2^(bits-1), scales [..., N(, K/block)]).
+    """
+    half = 2 ** (bits - 1)
+    k = w.shape[-1]
+    blocks = w.reshape(*w.shape[:-1], k // block, block) if block else w[..., None, :]
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / half
+    scale = np.maximum(scale, np.finfo(np.float32).tiny)
+    q = np.clip(np.rint(blocks / scale), -half, half - 1).astype(np.int16).reshape(w.shape)
+    u = (q + half).astype(np.uint8)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else u
+    scale = scale[..., 0].astype(np.float32)
+    return packed, (scale if block else scale[..., 0])
+
+
+def dequantize_rows(packed: np.ndarray, scales: np.ndarray, bits: int, block: int | None) -> np.ndarray:
+    """Inverse of the QMoE storage (the numpy reference the tests compare ORT's QMoE against)."""
+    half = 2 ** (bits - 1)
+    if bits == 4:
+        u = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.int16)
+        u[..., 0::2], u[..., 1::2] = packed & 0x0F, packed >> 4
+    else:
+        u = packed.astype(np.int16)
+    q = (u - half).astype(np.float32)
+    if block:
+        q = q.reshape(*q.shape[:-1], q.shape[-1] // block, block) * scales[..., None]
+        return q.reshape(*q.shape[:-2], -1)
+    return q * scales[..., None]
+
+
+def quantize_moe(model: onnx.ModelProto, fmt: str, int4_block: int) -> int:
+    """Rewrite every ``com.microsoft.MoE`` node for ``fmt`` (int4/int8 -> QMoE, fp8 -> fp8 storage + DQ)."""
+    inits = _inits(model)
+    count = 0
+    for idx, node in enumerate(list(model.graph.node)):
+        if node.op_type != "MoE" or node.domain != "com.microsoft":
+            continue
+        fc1 = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)  # [E, 2F, D]
+        fc2 = numpy_helper.to_array(inits[node.input[4]]).astype(np.float32)  # [E, D, F]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if fmt == "fp8":
+            _fp8_storage(model, node, 2, fc1)
+            _fp8_storage(model, node, 4, fc2)
+        else:
+            bits = 4 if fmt == "int4" else 8
+            # int8 QMoE uses per-row scales (block-wise int8 did not reproduce on the CPU kernel here)
+            block = min(int4_block_size(fc1.shape[-1], int4_block), int4_block_size(fc2.shape[-1], int4_block)) \
+                if bits == 4 else None
+            w1, s1 = _quantize_rows(fc1, bits, block)
+            w2, s2 = _quantize_rows(fc2, bits, block)
+            names = [f"{node.name}_{n}" for n in ("w1", "s1", "w2", "s2")]
+            for name, arr in zip(names, (w1, s1, w2, s2), strict=True):
+                model.graph.initializer.append(numpy_helper.from_array(arr, name))
+            extra = {"block_size": block} if block else {}
+            qmoe = helper.make_node(
+                "QMoE", [node.input[0], node.input[1], names[0], names[1], "", names[2], names[3]], list(node.output),
+                name=node.name + "_q", domain="com.microsoft", k=attrs["k"], activation_type="swiglu",
+                swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0,
+                expert_weight_bits=bits, quant_type="int", accuracy_level=4, **extra)
+            model.graph.node.remove(node)
+            model.graph.node.insert(idx, qmoe)
+        count += 1
+    _remove_unused_initializers(model)
+    return count
+
+
+def _fp8_storage(model: onnx.ModelProto, node: onnx.NodeProto, slot: int, weight: np.ndarray) -> None:
+    """Replace a constant input by float8 e4m3 storage (per-row scales) + DequantizeLinear (+ Reshape)."""
+    import ml_dtypes
+
+    shape = weight.shape
+    rows = weight.reshape(-1, shape[-1]) if weight.ndim > 2 else weight
+    axis = 0 if weight.ndim > 2 else 1  # per output channel: rows of a flattened 3-D weight, columns of [K, N]
+    amax = np.abs(rows).max(axis=1 - axis)
+    scale = (np.maximum(amax, np.finfo(np.float32).tiny) / FP8_MAX).astype(np.float32)
+    q = (rows / (scale[:, None] if axis == 0 else scale[None, :])).astype(ml_dtypes.float8_e4m3fn)
+    base = f"{node.input[slot]}_fp8"
+    model.graph.initializer.append(helper.make_tensor(base, TensorProto.FLOAT8E4M3FN, q.shape,
+                                                      q.view(np.uint8).tobytes(), raw=True))
+    model.graph.initializer.append(numpy_helper.from_array(scale, base + "_scale"))
+    deq = base + "_dq"
+    new_nodes = [helper.make_node("DequantizeLinear", [base, base + "_scale"], [deq], name=base + "_DQ", axis=axis)]
+    if weight.ndim > 2:
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(shape, np.int64), base + "_shape"))
+        new_nodes.append(helper.make_node("Reshape", [deq, base + "_shape"], [deq + "_r"], name=base + "_reshape"))
+        deq += "_r"
+    node.input[slot] = deq
+    position = list(model.graph.node).index(node)
+    for offset, new in enumerate(new_nodes):
+        model.graph.node.insert(position + offset, new)
+
+
+def quantize_matmuls(model: onnx.ModelProto, component: str, recipe: Recipe) -> Counter:
+    """Rewrite constant matmuls by kind: int4/int8 -> MatMulNBits, fp8 -> fp8 storage + DQ."""
+    done: Counter = Counter()
+    by_format: dict[str, list[tuple[onnx.NodeProto, str]]] = {}
+    for node, weight in constant_matmuls(model):
+        kind = matmul_kind(component, model, node, weight)
+        fmt = "fp32" if kind == "keep" else getattr(recipe, kind)
+        by_format.setdefault(fmt, []).append((node, weight))
+    inits = _inits(model)
+    for node, weight in by_format.get("fp8", []):
+        _fp8_storage(model, node, 1, numpy_helper.to_array(inits[weight]).astype(np.float32))
+        done["fp8"] += 1
+    for fmt in ("int4", "int8"):
+        groups: dict[int, list[str]] = {}
+        for node, weight in by_format.get(fmt, []):
+            k = inits[weight].dims[0]
+            block = int4_block_size(k, recipe.int4_block if fmt == "int4" else 128, exact=False)
+            groups.setdefault(block, []).append(node.name)
+        for block, names in groups.items():
+            model = _nbits(model, names, 4 if fmt == "int4" else 8, block)
+            done[fmt] += len(names)
+    _remove_unused_initializers(model)
+    return done
+
+
+def _nbits(model: onnx.ModelProto, names: list[str], bits: int, block: int) -> onnx.ModelProto:
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    # nodes_to_include is OR-ed with the op type upstream, so restrict by excluding every other MatMul.
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(names)]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    result = quantizer.model.model
+    if result is not model:  # the quantizer works in place on our proto; keep one object
+        model.CopyFrom(result)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# One component
+# ----------------------------------------------------------------------------------------------
+
+
+def precision_census(model: onnx.ModelProto) -> dict[str, int]:
+    """What the graph computes with: quantized ops, fp8-stored weights, and fp32 constant matmuls left."""
+    inits = _inits(model)
+    ops = Counter(n.op_type for n in model.graph.node)
+    fp8 = sum(1 for t in inits.values() if t.data_type == TensorProto.FLOAT8E4M3FN)
+    return {"QMoE": ops["QMoE"], "MoE": ops["MoE"], "MatMulNBits": ops["MatMulNBits"], "fp8_weights": fp8,
+            "fp32_const_matmuls": len(constant_matmuls(model))}
+
+
+def build_component(src: Path, dst: Path, component: str, recipe: Recipe) -> dict[str, int]:
+    """Rewrite one fp32 graph for ``recipe``; writes ``dst/model.onnx`` (+ external data)."""
+    model = onnx.load(str(src))
+    gemm_to_matmul(model)
+    if component.startswith("layer_") and recipe.experts != "fp32":
+        quantize_moe(model, recipe.experts, recipe.int4_block)
+    quantize_matmuls(model, component, recipe)
+    if any(t.data_type == TensorProto.FLOAT8E4M3FN for t in model.graph.initializer):
+        _require_opset(model, 19)  # DequantizeLinear on float8
+    onnx.save(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=1024)
+    return precision_census(model)
+
+
+def _require_opset(model: onnx.ModelProto, minimum: int) -> None:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < minimum:
+            raise LladaEdgeError(f"fp8 storage needs opset >= {minimum}, the graph has {opset.version}; "
+                                 f"re-export with --opset {minimum} or later")
