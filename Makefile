@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[torch,onnx,dev]"
+	$(PY) -m pip install --quiet -e ".[torch,onnx,quant,dev]"
 	touch $@
 
 # Written atomically by `synth`: config.json exists only once the folder is complete.

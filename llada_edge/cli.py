@@ -7,6 +7,8 @@
 * ``export``    -> :func:`llada_edge.export.build.export_build`
 * ``demo``      -> :func:`llada_edge.demo.run_demo`
 * ``build``     -> :func:`llada_edge.engines.build.build_engines`
+* ``calibrate`` -> :func:`llada_edge.calibration.capture.calibrate`
+* ``quantize``  -> :func:`llada_edge.engines.build.ensure_qdq_graphs` (TensorRT Q/DQ graphs, on the CPU)
 
 Bad input (a broken folder, a wrong size...) exits with code 2 and a one-line reason on stderr,
 never a traceback; an export whose numeric validation fails exits with code 1.
@@ -150,6 +152,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from llada_edge.calibration.capture import calibrate
+    from llada_edge.engines.manifest import Manifest, atomic_dir
+
+    checkpoint = args.checkpoint or Manifest.load(args.build).checkpoint.get("path")
+    with atomic_dir(Path(args.build) / "calibration") as tmp:
+        counts = calibrate(checkpoint, tmp, stride=args.stride, max_samples=args.max_samples, progress=_progress)
+    print(f"{Path(args.build) / 'calibration'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from llada_edge.calibration.recipes import get_recipe, parse_overrides
+    from llada_edge.engines.build import ensure_qdq_graphs
+    from llada_edge.engines.manifest import Manifest
+
+    build = Path(args.build).absolute()
+    sources = ensure_qdq_graphs(build, Manifest.load(build), get_recipe(args.precision, parse_overrides(args.override)),
+                                _progress)
+    print(f"{build}: {sum(1 for p in sources.values() if 'quant' in p.parts)} Q/DQ graphs for TensorRT")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llada_edge.demo import format_table, run_demo
     from llada_edge.runtime.pipeline import stderr_progress
@@ -252,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"per-kind formats, e.g. dit=fp8 (kinds: {' '.join(KINDS)}; formats: fp32 fp8 int8 int4)")
     p.add_argument("--no-report", action="store_true", help="skip the accuracy report")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("calibrate", help="capture calibration activations inside the real sampling loops",
+                       description="Run the shipped calibration requests (t2i, understanding, chat, editing; CFG rows "
+                       "included) on the PyTorch reference and save every component's graph inputs to "
+                       "BUILD/calibration (ModelOpt's .npz format) plus expert_coverage.json.")
+    p.add_argument("--build", required=True, help="build folder")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the one the build was exported from)")
+    p.add_argument("--stride", type=int, default=2, help="capture every N-th denoising step (default 2)")
+    p.add_argument("--max-samples", type=int, default=64, help="samples kept per component (default 64)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("quantize", help="ModelOpt Q/DQ graphs for TensorRT (runs on the CPU)",
+                       description="Write BUILD/quant/<precision>/<component> with NVIDIA ModelOpt's ONNX PTQ from the "
+                       "dense fp32 graphs and the calibration data (captured first if missing); each graph is "
+                       "checked against the TensorRT operator allow-list.")
+    p.add_argument("--build", required=True, help="build folder exported with --moe dense")
+    p.add_argument("--precision", choices=[r for r in RECIPES if r != "fp32"], default="fp8")
+    p.add_argument("--override", nargs="+", metavar="KIND=FORMAT", help="per-kind formats, e.g. dit=fp8")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -66,3 +66,14 @@ def tiny_build(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("build") / "tiny"
     export_build(tiny_ckpt, out, moe="dense", progress=lambda _m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_build_ort(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported with the com.microsoft.MoE lowering (the ONNX Runtime CPU path), unvalidated:
+    the export tests validate; engine tests add their engines to this folder."""
+    from llada_edge.export.build import export_build
+
+    out = tmp_path_factory.mktemp("build-ort") / "tiny"
+    export_build(tiny_ckpt, out, moe="ort", validate=False, progress=lambda _m: None)
+    return out

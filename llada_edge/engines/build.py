@@ -89,3 +89,66 @@ def _build_onnxruntime(build_dir: Path, manifest: Manifest, recipe: Recipe, prog
         record_component(build_dir, manifest, ComponentEntry(entry_name, "ort-engine", files, key, source.inputs,
                                                              source.outputs, meta, None))
         progress(f"build [{i}/{len(names)}] {name} ({recipe.name}): {meta['seconds']:.1f} s, {census}")
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorRT inputs: calibration and Q/DQ graphs (CPU work, no TensorRT needed)
+# ----------------------------------------------------------------------------------------------
+
+
+def ensure_calibration(build_dir: Path, manifest: Manifest, progress: Progress) -> Path:
+    """``BUILD/calibration`` from the build's checkpoint (torch reference), unless already there."""
+    calib = build_dir / "calibration"
+    if (calib / "expert_coverage.json").is_file():
+        return calib
+    checkpoint = manifest.checkpoint.get("path")
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise InputError(f"{build_dir}: no calibration data and the checkpoint {checkpoint!r} is not available; "
+                         "run `llada-edge calibrate --checkpoint DIR --build BUILD`")
+    from llada_edge.calibration.capture import calibrate
+
+    with atomic_dir(calib) as tmp:
+        counts = calibrate(checkpoint, tmp, progress=progress)
+    progress(f"calibrate: {counts}")
+    return calib
+
+
+def ensure_qdq_graphs(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress) -> dict[str, Path]:
+    """The graph each TensorRT engine is built from: ModelOpt Q/DQ where the recipe quantizes, else fp32."""
+    from llada_edge.engines.qdq import component_format, quantize_component
+    from llada_edge.export.allowlist import check_tensorrt_compatible
+
+    names = onnx_components(manifest)
+    ort_layers = [n for n in names if manifest.components[n].meta.get("moe") == "ort"]
+    if ort_layers:
+        raise InputError(f"{build_dir}: {ort_layers[0]} uses the com.microsoft MoE lowering, which TensorRT cannot "
+                         "parse; export with --moe dense for the tensorrt target")
+    sources: dict[str, Path] = {}
+    calib = None
+    for i, name in enumerate(names, start=1):
+        fmt = component_format(name, recipe)
+        if fmt == "fp32":
+            sources[name] = build_dir / "onnx" / name
+            continue
+        calib = calib or ensure_calibration(build_dir, manifest, progress)
+        entry_name = f"qdq/{recipe.name}/{name}"
+        key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[name].key,
+                           versions_of(["nvidia-modelopt"]), (calib / "expert_coverage.json").stat().st_mtime_ns])
+        target = build_dir / "quant" / recipe.name / name
+        sources[name] = target
+        old = manifest.components.get(entry_name)
+        if old is not None and old.key == key and all((build_dir / f.path).is_file() for f in old.files):
+            progress(f"quantize [{i}/{len(names)}] {name} ({fmt}): up to date")
+            continue
+        start = time.perf_counter()
+        with atomic_dir(target) as tmp:
+            meta = quantize_component(build_dir / "onnx" / name / "model.onnx", tmp, name, recipe, calib)
+        meta["tensorrt_allowlist_violations"] = [str(v) for v in check_tensorrt_compatible(target / "model.onnx")]
+        meta["seconds"] = round(time.perf_counter() - start, 2)
+        files = [FileEntry.of(build_dir, p) for p in sorted(target.iterdir())]
+        source = manifest.components[name]
+        record_component(build_dir, manifest, ComponentEntry(entry_name, "qdq", files, key, source.inputs,
+                                                             source.outputs, {**meta, "profile": source.meta.get(
+                                                                 "profile", {})}, None))
+        progress(f"quantize [{i}/{len(names)}] {name} ({fmt}): {meta['seconds']:.1f} s")
+    return sources

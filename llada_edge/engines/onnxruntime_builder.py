@@ -106,7 +106,9 @@ def constant_matmuls(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]
 def matmul_kind(component: str, model: onnx.ModelProto, node: onnx.NodeProto, weight: str) -> str:
     """Map a constant matmul of a component to a recipe kind (or "keep" for weights never quantized)."""
     if component.startswith("layer_"):
-        return "router" if "mlp.gate.weight" in weight else "dense"
+        if "mlp.gate.weight" in weight:
+            return "router"
+        return "experts" if ".mlp.experts." in weight else "dense"  # per-expert matmuls of the dense lowering
     if component in ("head_text", "head_image"):
         return "lm_head"
     if component.startswith("dit_") or component == "sigvq":

@@ -216,7 +216,8 @@ def export_build(checkpoint: str | Path, out: str | Path, components: list[str] 
             else:
                 validation = export_component(*job, str(tmp))
         files = [FileEntry.of(out, p) for p in sorted((out / "onnx" / name).iterdir())]
-        meta = {"opset": opset, "moe": lowering, "seconds": round(time.perf_counter() - start, 2)}
+        meta = {"opset": opset, "moe": lowering, "seconds": round(time.perf_counter() - start, 2),
+                "profile": spec.io_dict()["profile"]}
         record_component(out, manifest, ComponentEntry(name, "onnx", files, key, spec.io_dict()["inputs"],
                                                        spec.io_dict()["outputs"], meta, validation))
         summary = "" if validation is None else (

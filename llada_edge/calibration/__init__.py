@@ -1,0 +1,1 @@
+"""Calibration sets, activation capture inside the real sampling loops, and precision recipes."""
