@@ -109,8 +109,10 @@ def quantize_component(src: Path, dst: Path, component: str, recipe: Recipe, cal
         del model
         reader = _Reader(calibration_samples(calib_dir, component))
         logging.getLogger("modelopt").setLevel(logging.WARNING)
+        # int8/fp8: GEMMs only (weights + their input activations). ModelOpt would also quantize Adds,
+        # including the attention-mask bias whose masked entries are float32 min -> NaN scales.
         options = {"calibration_method": "awq_clip", "block_size": recipe.int4_block} if fmt == "int4" else {
-            "calibration_method": "max"}
+            "calibration_method": "max", "op_types_to_quantize": ["MatMul", "Gemm", "Conv"]}
         quantize(onnx_path=str(staged), quantize_mode=fmt, calibration_data_reader=reader, calibration_eps=["cpu"],
                  nodes_to_exclude=exclude, high_precision_dtype="fp32", use_external_data_format=True,
                  output_path=str(dst / "model.onnx"), log_level="WARNING", **options)
