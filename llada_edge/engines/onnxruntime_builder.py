@@ -57,10 +57,13 @@ def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray | 
 
 
 def _remove_unused_initializers(model: onnx.ModelProto) -> None:
+    """Delete in place: copying the list would re-serialise every tensor, and a real expert stack
+    ([256, 1024, 2048] fp32) is 2 GiB, protobuf's message limit."""
     used = {name for node in model.graph.node for name in node.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):
+        if inits[i].name not in used:
+            del inits[i]
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> int:
