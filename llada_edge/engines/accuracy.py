@@ -184,8 +184,9 @@ def _tokenizer(build_dir: Path):
 
 
 def _write(reports: Path, precision: str, report: dict) -> None:
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / f"accuracy-{precision}.json").write_text(json.dumps(report, indent=2) + "\n")
+    from llada_edge.engines.manifest import atomic_write_bytes
+
+    atomic_write_bytes(reports / f"accuracy-{precision}.json", (json.dumps(report, indent=2) + "\n").encode())
     lines = [f"# Accuracy: {precision} vs fp32 (held-out requests)", "", "| metric | value | bound | result |",
              "|---|---|---|---|"]
     for metric, value in report["metrics"].items():
@@ -193,4 +194,4 @@ def _write(reports: Path, precision: str, report: dict) -> None:
         bound = "" if check is None else (f">= {check['min']}" if "min" in check else f"<= {check['max']}")
         result = "" if check is None else ("pass" if check["passed"] else "FAIL")
         lines.append(f"| {metric} | {value:.4g} | {bound} | {result} |")
-    (reports / f"accuracy-{precision}.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(reports / f"accuracy-{precision}.md", ("\n".join(lines) + "\n").encode())

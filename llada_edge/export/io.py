@@ -265,15 +265,7 @@ def _load_npz(src: Path) -> list[Feed]:
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    """Temp name, fsync, rename: an interrupted export never leaves a truncated reference file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """An interrupted export never leaves a truncated reference file."""
+    from llada_edge.engines.manifest import atomic_write_bytes
+
+    atomic_write_bytes(path, payload)

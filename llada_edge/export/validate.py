@@ -101,14 +101,14 @@ def write_reports(reports_dir: Path, validation: dict[str, dict]) -> None:
     """``validation.json`` and a Markdown table, one row per component."""
     import json
 
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    tmp = reports_dir / "validation.json.tmp"
-    tmp.write_text(json.dumps(validation, indent=2, sort_keys=True) + "\n")
-    tmp.replace(reports_dir / "validation.json")
+    from llada_edge.engines.manifest import atomic_write_bytes
+
+    text = json.dumps(validation, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(reports_dir / "validation.json", text.encode())
     lines = ["# ONNX Runtime CPU (fp32) vs PyTorch reference", "",
              f"Relative error = max |onnx - torch| / max |torch| per output; tolerance {RELATIVE_TOLERANCE:g}.", "",
              "| component | cases | max abs | max rel | id mismatch | result |", "|---|---|---|---|---|---|"]
     for name, v in validation.items():
         lines.append(f"| {name} | {len(v['cases'])} | {v['max_abs']:.2e} | {v['max_rel']:.2e} | "
                      f"{v['mismatch_fraction']:.3f} | {'pass' if v['passed'] else 'FAIL'} |")
-    (reports_dir / "validation.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(reports_dir / "validation.md", ("\n".join(lines) + "\n").encode())
