@@ -112,7 +112,7 @@ def matmul_kind(component: str, model: onnx.ModelProto, node: onnx.NodeProto, we
         if "mlp.gate.weight" in weight:
             return "router"
         return "experts" if ".mlp.experts." in weight else "dense"  # per-expert matmuls of the dense lowering
-    if component in ("head_text", "head_image"):
+    if component.startswith("head_"):
         return "lm_head"
     if component.startswith("dit_") or component == "sigvq":
         return "dit"

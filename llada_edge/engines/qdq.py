@@ -41,7 +41,7 @@ def component_format(component: str, recipe: Recipe) -> str:
         return recipe.dit
     if component == "vision_tokenizer":
         return recipe.vision
-    if component in ("head_text", "head_image"):
+    if component.startswith("head_"):
         return recipe.lm_head
     return "fp32"
 

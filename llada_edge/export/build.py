@@ -145,10 +145,13 @@ def _up_to_date(out: Path, entry: ComponentEntry | None, key: str) -> bool:
 
 def component_bytes(ckpt: CheckpointFolder, name: str) -> int:
     """Stored bytes of a component's weights (decides whether it is exported in its own process)."""
-    if name.startswith("layer_") or name in ("embed", "head_text", "head_image"):
-        keys = {"embed": ["model.word_embeddings.weight"], "head_text": ["lm_head.weight"],
-                "head_image": ["lm_head.weight"]}.get(name) or list(
-            backbone_layer_layout(ckpt.config.backbone, int(name.split("_", 1)[1])))
+    if name.startswith(("layer_", "head_")) or name == "embed":
+        if name == "embed":
+            keys = ["model.word_embeddings.weight"]
+        elif name.startswith("head_"):
+            keys = ["lm_head.weight"]
+        else:
+            keys = list(backbone_layer_layout(ckpt.config.backbone, int(name.split("_", 1)[1])))
         return sum(ckpt.backbone.info(k).nbytes for k in keys if k in ckpt.backbone)
     if name == "vision_tokenizer":
         return ckpt.vision.total_bytes

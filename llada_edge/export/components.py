@@ -18,6 +18,7 @@ from llada_edge.export.graphs import (
     EmbedGraph,
     HeadGraph,
     LayerGraph,
+    SampleHeadGraph,
     SigVQGraph,
     VaeDecoderGraph,
     VisionTokenizerGraph,
@@ -35,7 +36,7 @@ Case = tuple[str, dict[str, np.ndarray]]
 def component_names(cfg: ModelConfig) -> list[str]:
     layers = [f"layer_{i}" for i in range(cfg.backbone.num_hidden_layers)]
     return ["vision_tokenizer", "sigvq", "dit_turbo", "dit_normal", "vae_decoder", "embed", *layers,
-            "head_text", "head_image"]
+            "head_text", "head_image", "head_text_sample", "head_image_sample"]
 
 
 def select_components(cfg: ModelConfig, requested: list[str] | None) -> list[str]:
@@ -43,7 +44,8 @@ def select_components(cfg: ModelConfig, requested: list[str] | None) -> list[str
     names = component_names(cfg)
     if not requested:
         return names
-    groups = {"layers": [n for n in names if n.startswith("layer_")], "heads": ["head_text", "head_image"],
+    groups = {"layers": [n for n in names if n.startswith("layer_")],
+              "heads": ["head_text", "head_image", "head_text_sample", "head_image_sample"],
               "dit": ["dit_turbo", "dit_normal"]}
     groups["backbone"] = ["embed", *groups["layers"], *groups["heads"]]
     groups["image"] = ["vision_tokenizer", "sigvq", *groups["dit"], "vae_decoder"]
@@ -83,12 +85,13 @@ def build_module(ckpt: CheckpointFolder, name: str, moe: str = "dense") -> nn.Mo
     if name == "embed":
         emb = nn.Embedding.from_pretrained(_read(ckpt.backbone, "model.word_embeddings.weight"), freeze=True)
         return EmbedGraph(emb).eval()
-    if name in ("head_text", "head_image"):
+    if name.startswith("head_"):
         norm = RMSNorm(b.hidden_size, b.rms_norm_eps)
         norm.weight = nn.Parameter(_read(ckpt.backbone, "model.norm.weight"), requires_grad=False)
         weight = _read(ckpt.backbone, "model.word_embeddings.weight" if b.tie_word_embeddings else "lm_head.weight")
-        start = b.image_token_offset if name == "head_image" else 0
-        return HeadGraph(norm, weight[start:].clone()).eval()
+        start = b.image_token_offset if name.startswith("head_image") else 0
+        graph = SampleHeadGraph if name.endswith("_sample") else HeadGraph
+        return graph(norm, weight[start:].clone()).eval()
     if name == "vision_tokenizer":
         return VisionTokenizerGraph(load_vision_tokenizer(ckpt, torch.float32)).eval()
     if name == "sigvq":
@@ -127,7 +130,7 @@ def source_fingerprint(ckpt: CheckpointFolder, name: str) -> list:
         return [b.__dict__, _tensors_fingerprint(ckpt.backbone, list(backbone_layer_layout(b, i)))]
     if name == "embed":
         return [b.__dict__, _tensors_fingerprint(ckpt.backbone, ["model.word_embeddings.weight"])]
-    if name in ("head_text", "head_image"):
+    if name.startswith("head_"):
         keys = ["model.norm.weight", "lm_head.weight", "model.word_embeddings.weight" if b.tie_word_embeddings else ""]
         return [b.__dict__, _tensors_fingerprint(ckpt.backbone, keys)]
     if name == "vision_tokenizer":
@@ -205,6 +208,10 @@ def validation_cases(cfg: ModelConfig, name: str, seed: int = 0) -> list[Case]:
     if name in ("head_text", "head_image"):  # few tokens: the saved text logits are rows x tokens x 173568
         return [(f"{rows} rows", {"hidden": rng.standard_normal((rows, 8, b.hidden_size)).astype(np.float32)})
                 for rows in (1, 3)]
+    if name.endswith("_sample"):
+        weights = {1: [1.0], 2: [3.0, -2.0], 3: [4.0, -1.5, -1.5]}
+        return [(f"{rows} rows", {"hidden": rng.standard_normal((rows, BLOCK, b.hidden_size)).astype(np.float32),
+                                  "row_weights": np.asarray(weights[rows], np.float32)}) for rows in (1, 2, 3)]
     if name == "vision_tokenizer":
         pre = cfg.preprocessor
         cases = []

@@ -9,6 +9,7 @@ design.md §5 (numbers in brackets are the shapes; B rows, T block tokens, S cac
 |                  | [B,Hkv,S,hd], attn_mask [B,T,S+T] bool                        | [B,Hkv,T,hd]                  |
 | head_text        | hidden [B,T,D]                                                | logits [B,T,vocab] f32        |
 | head_image       | hidden [B,T,D]                                                | logits [B,T,16384] f32        |
+| head_*_sample    | hidden [B,T,D], row_weights [B]                               | x0 [T] i64, p [T] f32         |
 | sigvq            | ids [N] i64 (un-offset)                                       | feats [N,C] f32               |
 | dit_turbo/normal | latent [B,16,1,Hl,Wl], t [B], cap [B,Lc,C], img_cos/img_sin   | velocity [B,16,1,Hl,Wl]       |
 |                  | [Nx_pad,hd/2], cap_cos/cap_sin [Lc_pad,hd/2]                  |                               |
@@ -52,6 +53,26 @@ class HeadGraph(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(self.norm(hidden), self.weight).float()
+
+
+class SampleHeadGraph(nn.Module):
+    """The head fused with CFG and greedy scoring: only (x0, p) per block position leave the graph.
+
+    ``row_weights`` [B] combine the rows' logits (CFG: [s, 1-s]; editing: [s_t, 1-s_t+s_i, -s_i]);
+    x0 = argmax of the guided logits, p = its softmax probability. Replaces a [B, T, vocab] logits
+    transfer and the host-side softmax every step (temperature 0, no CFG rescale).
+    """
+
+    def __init__(self, norm: nn.Module, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.head = HeadGraph(norm, weight)
+
+    def forward(self, hidden: torch.Tensor, row_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        guided = (self.head(hidden) * row_weights.float()[:, None, None]).sum(dim=0)
+        top = guided.max(dim=-1, keepdim=True).values
+        x0 = guided.argmax(dim=-1)
+        p = 1.0 / torch.exp(guided - top).sum(dim=-1)
+        return x0, p
 
 
 class LayerGraph(nn.Module):

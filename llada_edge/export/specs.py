@@ -69,6 +69,10 @@ def backbone_specs(cfg: ModelConfig) -> dict[str, ComponentSpec]:
                                     {"logits": _f("rows", "tokens", b.num_image_tokens)}, {"rows": 2, "tokens": 5},
                                     {**rows, "tokens": (1, BLOCK, BLOCK)}),
     }
+    for kind in ("text", "image"):  # the fused sampling heads: (x0, p) instead of logits
+        specs[f"head_{kind}_sample"] = ComponentSpec(
+            f"head_{kind}_sample", {"hidden": _f("rows", "tokens", d), "row_weights": _f("rows")},
+            {"x0": _i("tokens"), "p": _f("tokens")}, {"rows": 2, "tokens": 5}, {**rows, "tokens": (1, BLOCK, BLOCK)})
     layer_inputs = {"hidden": _f("rows", "tokens", d), "positions": _i("rows", "tokens"),
                     "past_k": _f("rows", kv, "past", hd), "past_v": _f("rows", kv, "past", hd),
                     "attn_mask": TensorSig("bool", ("rows", "tokens", "keys"))}

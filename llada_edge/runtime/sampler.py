@@ -28,6 +28,7 @@ warm-up steps of each block, pruning of the cached prefix to the most important 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ class SamplingConfig:
     seed: int = 0
     block_size: int = BLOCK_SIZE
     cfg_rescale: float | None = None  # SGO's 0.7 "CFG rescale"; unverified upstream, so off by default
+    fused_head: bool = True  # use the backend's head_*_sample graph (CFG + argmax + p inside) when it can
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= self.block_size:
@@ -233,6 +235,12 @@ class GenerationResult:
     blocks: int
     pruned_fraction: float = 0.0  # SPRINT: mean share of valid prefix keys pruned
     step_counts: list[int] = field(default_factory=list)  # denoising steps per block
+    engine_seconds: float = 0.0  # time inside backend calls
+    loop_seconds: float = 0.0  # wall time of the whole loop; loop - engine = host work (selection, copies)
+
+    @property
+    def host_fraction(self) -> float:
+        return 1.0 - self.engine_seconds / self.loop_seconds if self.loop_seconds else 0.0
 
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks total)
@@ -258,9 +266,40 @@ class BlockDiffusionSampler:
         self.mask_id = cfg.mask_token_id
         self.offset = cfg.image_token_offset if head == "image" else 0
         self.max_positions = cfg.max_position_embeddings
+        self._engine_seconds = 0.0
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
         return self.backend.head_image(hidden) if self.head == "image" else self.backend.head_text(hidden)
+
+    def _use_fused_head(self) -> bool:
+        """The fused graph computes greedy p; sampling, rescale and other confidence measures need logits."""
+        s = self.sampling
+        strategy = self.sprint.strategy if self.sprint is not None else "low_confidence"
+        return (s.fused_head and s.temperature == 0 and not s.cfg_rescale and strategy == "low_confidence"
+                and self.head in getattr(self.backend, "fused_head_kinds", ()))
+
+    def _timed(self, fn: Callable, *args: object, **kwargs: object):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._engine_seconds += time.perf_counter() - start
+
+    def _score(self, hidden: np.ndarray, active: np.ndarray, row_weights: Sequence[float],
+               rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x0, p, confidence for every block position (confidence -inf where not active)."""
+        bs = active.shape[0]
+        if self._use_fused_head():
+            x0, p = self._timed(self.backend.head_sample, self.head, hidden, np.asarray(row_weights, np.float32))
+            x0, p = x0.astype(np.int64), p.astype(np.float64)
+            return x0, p, np.where(active, p, -np.inf)
+        # Only masked positions are scored: the head output of the others is never used.
+        where = np.flatnonzero(active)
+        g = guide(self._timed(self._logits, hidden)[:, where], row_weights, self.sampling.cfg_rescale)
+        strategy = self.sprint.strategy if self.sprint is not None else "low_confidence"
+        x0, p, conf = np.zeros(bs, np.int64), np.zeros(bs), np.full(bs, -np.inf)
+        x0[where], p[where], conf[where] = score_tokens(g, self.sampling.temperature, rng, strategy)
+        return x0, p, conf
 
     def generate(self, rows: Rows, gen_length: int, row_weights: Sequence[float] = (1.0,),
                  stop_ids: Sequence[int] = ()) -> GenerationResult:
@@ -292,10 +331,13 @@ class BlockDiffusionSampler:
         use_sprint = self.sprint is not None
 
         first_block = prompt_len // bs
+        loop_start = time.perf_counter()
+        self._engine_seconds = 0.0
         self.backend.start(n_rows, total)
         passes0 = self.backend.forward_passes
         if first_block:
-            self.backend.prefill(x[:, :first_block * bs], pos[:, :first_block * bs], valid[:, :first_block * bs])
+            self._timed(self.backend.prefill, x[:, :first_block * bs], pos[:, :first_block * bs],
+                        valid[:, :first_block * bs])
         schedule = step_schedule(bs, s.steps)
         steps_run, step_counts, pruned = 0, [], []
         stop_token: int | None = None
@@ -307,14 +349,9 @@ class BlockDiffusionSampler:
                 if not active.any():
                     break
                 want_importance = use_sprint and self.sprint.prunes and step == self.sprint.cache_warmup_steps - 1
-                hidden, importance = self.backend.forward_block(x[:, lo:hi], pos[:, lo:hi], valid[:, lo:hi],
-                                                                key_importance=want_importance)
-                # Only masked positions are scored: the head output of the others is never used.
-                where = np.flatnonzero(active)
-                g = guide(self._logits(hidden)[:, where], row_weights, s.cfg_rescale)
-                strategy = self.sprint.strategy if use_sprint else "low_confidence"
-                x0, p, conf = np.zeros(bs, np.int64), np.zeros(bs), np.full(bs, -np.inf)
-                x0[where], p[where], conf[where] = score_tokens(g, s.temperature, rng, strategy)
+                hidden, importance = self._timed(self.backend.forward_block, x[:, lo:hi], pos[:, lo:hi],
+                                                 valid[:, lo:hi], key_importance=want_importance)
+                x0, p, conf = self._score(hidden, active, row_weights, rng)
                 if use_sprint:
                     k = adaptive_k(int(active.sum()), s.steps - step)
                     sel = select_sprint(conf, p, active, k, self.sprint.threshold)
@@ -338,7 +375,7 @@ class BlockDiffusionSampler:
                 stop_token = self._block_stop(x[0, lo:hi], masked[lo:hi], stop)
             if stop_token is not None or b == n_blocks - 1:
                 break
-            self.backend.commit(x[:, lo:hi], pos[:, lo:hi], valid[:, lo:hi])
+            self._timed(self.backend.commit, x[:, lo:hi], pos[:, lo:hi], valid[:, lo:hi])
 
         out = x[0, prompt_len:prompt_len + gen_length]
         confs = conf_of[prompt_len:prompt_len + gen_length]
@@ -350,7 +387,8 @@ class BlockDiffusionSampler:
         return GenerationResult(tokens=out - self.offset, confidences=confs, stop_token=stop_token,
                                 steps=steps_run, forward_passes=self.backend.forward_passes - passes0,
                                 blocks=len(step_counts), pruned_fraction=float(np.mean(pruned)) if pruned else 0.0,
-                                step_counts=step_counts)
+                                step_counts=step_counts, engine_seconds=self._engine_seconds,
+                                loop_seconds=time.perf_counter() - loop_start)
 
     # -- stopping -------------------------------------------------------------------------------
 

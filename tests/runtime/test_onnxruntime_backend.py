@@ -141,3 +141,23 @@ def test_onnxruntime_pipeline_runs_without_torch(tiny_build: Path) -> None:
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "ort"])
+def test_fused_sampling_head_gives_the_same_tokens(pipes, photo, backend_name) -> None:
+    """head_*_sample (CFG + argmax + p inside the graph) vs logits + host scoring."""
+    from llada_edge.runtime import prompts
+    from llada_edge.runtime.sampler import BlockDiffusionSampler, SamplingConfig, left_pad
+
+    pipe = pipes[backend_name]
+    assert "image" in pipe.backend.fused_head_kinds
+    tok = pipe.tokenizer
+    rows = left_pad([prompts.t2i_prompt(tok, "a red kite", 6, 4), prompts.t2i_unconditional_prompt(tok, 6, 4)],
+                    pipe.config.backbone.mask_token_id)
+    results = [BlockDiffusionSampler(pipe.backend, "image", SamplingConfig(steps=4, fused_head=fused)).generate(
+        rows, 24, [3.0, -2.0]) for fused in (True, False)]
+    assert results[0].tokens.tolist() == results[1].tokens.tolist()
+    text = [pipe.understand(photo, "Describe it.", max_new_tokens=32, steps=8) for _ in range(1)]
+    assert text[0].tokens
+    for r in results:
+        assert 0.0 < r.engine_seconds <= r.loop_seconds and 0.0 <= r.host_fraction < 1.0

@@ -79,6 +79,7 @@ class OnnxRuntimeBackend:
         self._passes = 0
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._rope_cache: dict[tuple[str, int, int, int], tuple[np.ndarray, ...]] = {}
+        self._sample_out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def _backbone_names(self) -> list[str]:
         return ["embed", *(f"layer_{i}" for i in range(self.config.backbone.num_hidden_layers)), "head_text",
@@ -225,6 +226,32 @@ class OnnxRuntimeBackend:
 
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
         return self._head("head_text", hidden)
+
+    @property
+    def supports_fused_head(self) -> bool:
+        return bool(self.fused_head_kinds)
+
+    @property
+    def fused_head_kinds(self) -> tuple[str, ...]:
+        """Heads whose fused graph pays off. Measured on the CPU provider (tiny preset, 32-token steps):
+        the 16384-way image head runs 1.6x faster fused, but ORT's exp + reductions over the 173568-way
+        text vocabulary (~13 ms) cost more than host scoring of the still-masked rows only, so text fuses
+        on GPU providers alone."""
+        gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self._providers)
+        kinds = ("text", "image") if gpu else ("image",)
+        return tuple(k for k in kinds if f"head_{k}_sample" in self.manifest.components)
+
+    def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Guided greedy scoring inside the graph: (x0 [T], p [T]) instead of [B, T, vocab] logits."""
+        rows, tokens, _ = hidden.shape
+        key = (rows, tokens)
+        if key not in self._sample_out:
+            self._sample_out[key] = (np.zeros(tokens, np.int64), np.zeros(tokens, np.float32))
+        x0, p = self._sample_out[key]
+        self._run_bound(f"head_{kind}_sample", {"hidden": np.ascontiguousarray(hidden, np.float32),
+                                                "row_weights": np.asarray(row_weights, np.float32)},
+                        {"x0": x0, "p": p})
+        return x0, p
 
     def head_image(self, hidden: np.ndarray) -> np.ndarray:
         return self._head("head_image", hidden)

@@ -184,6 +184,19 @@ class TorchBackend:
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
         return self.backbone.logits(self._t(hidden).to(self.dtype)).cpu().numpy()
 
+    supports_fused_head = True
+    fused_head_kinds = ("text", "image")
+
+    @torch.inference_mode()
+    def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Guided greedy scoring: the math of the exported ``head_*_sample`` graphs."""
+        h = self._t(hidden).to(self.dtype)
+        logits = self.backbone.image_logits(h) if kind == "image" else self.backbone.logits(h)
+        guided = (logits * self._t(np.asarray(row_weights, np.float32))[:, None, None]).sum(0)
+        top = guided.max(dim=-1, keepdim=True).values
+        p = 1.0 / torch.exp(guided - top).sum(dim=-1)
+        return guided.argmax(dim=-1).cpu().numpy(), p.cpu().numpy()
+
     @torch.inference_mode()
     def head_image(self, hidden: np.ndarray) -> np.ndarray:
         return self.backbone.image_logits(self._t(hidden).to(self.dtype)).cpu().numpy()
