@@ -9,7 +9,7 @@ BUILD ?= build/engines-tiny
 TARGET ?= onnxruntime
 PRECISION ?= fp32
 
-.PHONY: install run engines test lint clean
+.PHONY: install run engines bench test lint clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ engines: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/co
 		--precision $(PRECISION))
 	$(if $(filter onnxruntime,$(TARGET)),$(PY) -m llada_edge.cli demo --model $(BUILD) --precision $(PRECISION) \
 		--out $(BUILD)/demo-$(PRECISION))
+
+# Latency vs the PyTorch eager reference and the memory roofline (tiny pipelines + real-dimension layers on
+# this CPU): benchmarks/results/bench.{json,md,png}. About 10 minutes on 2 cores.
+bench: install
+	$(PY) benchmarks/bench.py --out benchmarks/results
 
 lint: install
 	$(PY) -m ruff check llada_edge tests benchmarks

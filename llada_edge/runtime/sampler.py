@@ -235,6 +235,7 @@ class GenerationResult:
     blocks: int
     pruned_fraction: float = 0.0  # SPRINT: mean share of valid prefix keys pruned
     step_counts: list[int] = field(default_factory=list)  # denoising steps per block
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each denoising step
     engine_seconds: float = 0.0  # time inside backend calls
     loop_seconds: float = 0.0  # wall time of the whole loop; loop - engine = host work (selection, copies)
 
@@ -339,7 +340,7 @@ class BlockDiffusionSampler:
             self._timed(self.backend.prefill, x[:, :first_block * bs], pos[:, :first_block * bs],
                         valid[:, :first_block * bs])
         schedule = step_schedule(bs, s.steps)
-        steps_run, step_counts, pruned = 0, [], []
+        steps_run, step_counts, pruned, step_times = 0, [], [], []
         stop_token: int | None = None
         for b in range(first_block, n_blocks):
             lo, hi = b * bs, (b + 1) * bs
@@ -348,6 +349,7 @@ class BlockDiffusionSampler:
                 active = masked[lo:hi]
                 if not active.any():
                     break
+                step_start = time.perf_counter()
                 want_importance = use_sprint and self.sprint.prunes and step == self.sprint.cache_warmup_steps - 1
                 hidden, importance = self._timed(self.backend.forward_block, x[:, lo:hi], pos[:, lo:hi],
                                                  valid[:, lo:hi], key_importance=want_importance)
@@ -361,6 +363,7 @@ class BlockDiffusionSampler:
                 masked[lo:hi][sel] = False
                 conf_of[lo:hi][sel] = p[sel]
                 block_steps += 1
+                step_times.append(time.perf_counter() - step_start)
                 if importance is not None and self.backend.cache_len:
                     pruned.append(self._prune(importance, x[0, :self.backend.cache_len],
                                               conf_of[:self.backend.cache_len], valid[:, :self.backend.cache_len]))
@@ -387,7 +390,7 @@ class BlockDiffusionSampler:
         return GenerationResult(tokens=out - self.offset, confidences=confs, stop_token=stop_token,
                                 steps=steps_run, forward_passes=self.backend.forward_passes - passes0,
                                 blocks=len(step_counts), pruned_fraction=float(np.mean(pruned)) if pruned else 0.0,
-                                step_counts=step_counts, engine_seconds=self._engine_seconds,
+                                step_counts=step_counts, step_seconds=step_times, engine_seconds=self._engine_seconds,
                                 loop_seconds=time.perf_counter() - loop_start)
 
     # -- stopping -------------------------------------------------------------------------------

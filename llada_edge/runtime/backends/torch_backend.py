@@ -6,6 +6,13 @@ components load lazily on first use, so an understanding request never loads the
 
 ``kv_cache=False`` is the upstream HF way: no cache, every step recomputes the whole sequence so far
 with the block-causal mask. It exists to prove that the cached loop gives the same tokens.
+
+``static_shapes=True`` runs every block step over the *full* preallocated cache with a key mask (no
+slicing by the current length) and the static ``dense`` MoE lowering, so the shapes and addresses of a
+step never change within a request: the precondition for CUDA graphs, and testable on the CPU.
+``cuda_graphs=True`` (CUDA only, implies static shapes) then captures one graph per shape key
+(rows x block tokens x capacity) after warm-up runs on a side stream, and replays it with the inputs
+copied into static buffers; when capture fails it falls back to eager for that key and records why.
 """
 
 from __future__ import annotations
@@ -23,11 +30,44 @@ from llada_edge.model.backbone import LLaDA2Backbone
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class _CapturedStep:
+    """One CUDA graph for a block step of one shape: static inputs in, static outputs out.
+
+    The KV cache tensors are captured by address (preallocated per request and only written in
+    place), so a replay always sees the current cache. Inputs are copied into the static buffers.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, past: list, ids: torch.Tensor, positions: torch.Tensor,
+                 key_mask: torch.Tensor) -> None:
+        self.ids, self.positions, self.key_mask = ids.clone(), positions.clone(), key_mask.clone()
+
+        def step() -> tuple:
+            return backbone.forward_block(self.ids, self.positions, past, self.key_mask)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: allocator pools, lazy kernels, cuBLAS handles
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step()
+
+    def replay(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor) -> tuple:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.key_mask.copy_(key_mask)
+        self.graph.replay()
+        return self.out
+
+
 class TorchBackend:
     name = "torch"
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
-                 moe_impl: str = "loop", kv_cache: bool = True) -> None:
+                 moe_impl: str = "loop", kv_cache: bool = True, static_shapes: bool = False,
+                 cuda_graphs: bool = False) -> None:
         if dtype not in DTYPES:
             raise InputError(f"unknown dtype {dtype!r} for the torch backend (expected one of {sorted(DTYPES)})")
         self.ckpt = CheckpointFolder(model_dir)
@@ -44,6 +84,14 @@ class TorchBackend:
         self._len = 0
         self._passes = 0
         self.kv_cache = kv_cache
+        if cuda_graphs and self.device.type != "cuda":
+            raise InputError("CUDA graphs need a CUDA device (--device cuda)")
+        self.cuda_graphs = cuda_graphs
+        self.static_shapes = static_shapes or cuda_graphs
+        if self.static_shapes:
+            self.moe_impl = "dense"  # routing without data-dependent shapes or host syncs
+        self._graphs: dict[tuple[int, int, int], _CapturedStep | None] = {}
+        self.graph_fallbacks: list[str] = []
         self._history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # kv_cache=False only
 
     # -- lazy components ----------------------------------------------------------------------
@@ -127,6 +175,8 @@ class TorchBackend:
         valid_t = self._t(valid).bool()
         if not self.kv_cache:
             return (*self._recompute_block(ids, positions, valid_t), valid_t)
+        if self.static_shapes:
+            return (*self._static_block(ids, positions, valid_t, use_keep), valid_t)
         cached = self._valid[:, :self._len]
         if use_keep and self._keep is not None:
             cached = cached & self._keep
@@ -134,6 +184,36 @@ class TorchBackend:
         h, kv = self.backbone.forward_block(self._t(ids), self._t(positions), self._past(), key_mask)
         self._passes += 1
         return h, kv, valid_t
+
+    def _static_block(self, ids: np.ndarray, positions: np.ndarray, valid: torch.Tensor, use_keep: bool
+                      ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """A block step over the full-capacity cache (fixed shapes), eager or through a CUDA graph."""
+        cached = self._valid
+        if use_keep and self._keep is not None:
+            keep = torch.ones_like(self._valid)
+            keep[:, :self._keep.shape[1]] = self._keep
+            cached = cached & keep
+        key_mask = torch.cat([cached, valid], dim=1)
+        ids_t, pos_t = self._t(ids), self._t(positions)
+        past = list(zip(self._k, self._v, strict=True))
+        self._passes += 1
+        if not self.cuda_graphs:
+            return self.backbone.forward_block(ids_t, pos_t, past, key_mask)
+        key = (ids.shape[0], ids.shape[1], self._valid.shape[1])
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(past, ids_t, pos_t, key_mask)
+        step = self._graphs[key]
+        if step is None:  # capture failed earlier for this shape: eager
+            return self.backbone.forward_block(ids_t, pos_t, past, key_mask)
+        return step.replay(ids_t, pos_t, key_mask)
+
+    def _capture(self, past: list, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor
+                 ) -> _CapturedStep | None:
+        try:
+            return _CapturedStep(self.backbone, past, ids, positions, key_mask)
+        except RuntimeError as exc:  # e.g. an op that syncs with the host: keep running, eagerly
+            self.graph_fallbacks.append(f"{tuple(ids.shape)}: {str(exc).splitlines()[0]}")
+            return None
 
     def _recompute_block(self, ids: np.ndarray, positions: np.ndarray, valid: torch.Tensor
                          ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
