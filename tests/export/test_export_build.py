@@ -19,7 +19,7 @@ def test_every_component_exported_and_validated(tiny_build: Path, measure) -> No
     manifest = Manifest.load(tiny_build)
     manifest.verify(tiny_build)
     expected = {"vision_tokenizer", "sigvq", "dit_turbo", "dit_normal", "vae_decoder", "embed", "layer_0",
-                "layer_1", "layer_2", "head_text", "head_image"}
+                "layer_1", "layer_2", "head_text", "head_image", "head_text_sample", "head_image_sample"}
     assert expected <= set(manifest.components)
     for name in expected:
         v = manifest.components[name].validation
@@ -37,7 +37,7 @@ def test_every_component_exported_and_validated(tiny_build: Path, measure) -> No
 
 def test_dense_graphs_pass_the_tensorrt_allowlist(tiny_build: Path) -> None:
     graphs = sorted(tiny_build.glob("onnx/*/model.onnx"))
-    assert len(graphs) == 11
+    assert len(graphs) == 13  # 11 components + the two fused sampling heads
     for path in graphs:
         assert check_tensorrt_compatible(path) == [], path.parent.name
 
