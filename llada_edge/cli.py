@@ -87,8 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llada_edge.runtime.pipeline import stderr_progress
 
     backend = resolve_backend(args.backend, args.model) if Path(args.model).is_dir() else args.backend
-    options = ({"device": args.device, "dtype": args.dtype} if backend == "torch"
-               else {"precision": args.precision})
+    options = {"device": args.device, "dtype": args.dtype} if backend == "torch" else {"precision": args.precision}
     pipe = Pipeline.load(args.model, backend=args.backend, progress=None if args.quiet else stderr_progress,
                          **options)
     sprint = _sprint_config(args)

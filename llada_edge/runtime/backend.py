@@ -15,8 +15,9 @@ Calls, in order, for one request::
             logits = backend.head_image(hidden)  (or head_text)
         backend.commit(ids, positions, valid)     # final block tokens -> their K/V appended
 
-Implementations: ``torch`` (the PyTorch reference, here), ``onnxruntime`` and ``tensorrt`` (export
-issues). Nothing in this module imports torch.
+Implementations (``backends/``): ``torch`` (the PyTorch reference; CUDA graphs on CUDA devices),
+``onnxruntime`` (build folders, CPU) and ``tensorrt`` (build folders, GPU; one CUDA graph per step
+shape). Nothing in this module imports torch.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Backend(Protocol):
         """Backbone forward passes so far (prefill, block steps and commits each count one)."""
 
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def is_build_folder(path: str | Path) -> bool:
@@ -105,8 +106,8 @@ def resolve_backend(name: str, path: str | Path) -> str:
     build = is_build_folder(path)
     if name == "auto":
         return "onnxruntime" if build else "torch"
-    if name == "onnxruntime" and not build:
-        raise InputError(f"{path}: the onnxruntime backend runs a build folder (manifest.json); create one with "
+    if name in ("onnxruntime", "tensorrt") and not build:
+        raise InputError(f"{path}: the {name} backend runs a build folder (manifest.json); create one with "
                          "`llada-edge export --checkpoint DIR --out BUILD`")
     if name == "torch" and build:
         raise InputError(f"{path}: the torch backend runs a checkpoint folder, not a build folder")
@@ -120,6 +121,10 @@ def create_backend(name: str, path: str | Path, **options: object) -> Backend:
         from llada_edge.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(path, **options)  # type: ignore[arg-type]
+    if name == "tensorrt":
+        from llada_edge.runtime.backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(path, **options)  # type: ignore[arg-type]
     from llada_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(path, **options)  # type: ignore[arg-type]

@@ -48,3 +48,26 @@ def test_graph_replay_matches_eager(tiny_ckpt: Path) -> None:  # pragma: no cove
     assert not graphs.graph_fallbacks
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
     np.testing.assert_allclose(outs[2], outs[0], atol=1e-4)
+
+
+def test_tensorrt_backend_without_tensorrt_exits_2(tiny_build: Path, capsys) -> None:
+    import importlib.util
+
+    from llada_edge.cli import main
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed")
+    assert main(["run", "chat", "--model", str(tiny_build), "--backend", "tensorrt", "--prompt", "hi",
+                 "--quiet"]) == 2
+    assert "needs TensorRT and cuda-python" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device: the TensorRT backend runs on GPU machines only")
+def test_tensorrt_backend_matches_onnxruntime(tiny_build: Path) -> None:  # pragma: no cover - GPU machines only
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    from llada_edge.engines.build import build_engines
+
+    build_engines(tiny_build, "tensorrt", "fp8", progress=lambda _m: None)
+    trt_pipe = Pipeline.load(tiny_build, backend="tensorrt", precision="fp8")
+    result = trt_pipe.generate_image("a tall ship", 64, 64, steps=4)
+    assert result.image.size == (64, 64) and not trt_pipe.backend.graph_fallbacks
