@@ -14,22 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -42,6 +29,7 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
+    from bench import median_ms  # this folder's shared timing helper (the script's directory is on sys.path)
 
     from llada_edge.calibration.recipes import RECIPES
     from llada_edge.engines.onnxruntime_builder import build_component
@@ -75,7 +63,7 @@ def main() -> None:
                  "past_k": rng.standard_normal((rows, 4, args.past, 128)).astype(np.float32),
                  "past_v": rng.standard_normal((rows, 4, args.past, 128)).astype(np.float32),
                  "attn_mask": np.ones((rows, t, args.past + t), bool)}
-        ort_ms = _median_ms(lambda f=feeds: session.run(None, f), args.repeats)
+        ort_ms = median_ms(lambda f=feeds: session.run(None, f), args.repeats)
         case = {"tokens": rows * t, "onnxruntime_int4_ms": ort_ms}
         with torch.inference_mode():
             for dtype, name in ((torch.bfloat16, "torch_eager_bf16_ms"), (torch.float32, "torch_eager_fp32_ms")):
@@ -83,7 +71,7 @@ def main() -> None:
                 cos, sin = rope_cos_sin(torch.from_numpy(feeds["positions"]), rope_inv_freq(cfg), dtype)
                 bias = mask_to_bias(torch.from_numpy(feeds["attn_mask"])[:, None])
                 pk, pv = (torch.from_numpy(feeds[k]).to(dtype) for k in ("past_k", "past_v"))
-                case[name] = _median_ms(lambda m=layer[dtype], h=h, c=cos, s=sin, b=bias, k=pk, v=pv:
+                case[name] = median_ms(lambda m=layer[dtype], h=h, c=cos, s=sin, b=bias, k=pk, v=pv:
                                         m(h, c, s, b, k, v), args.repeats)
         case["speedup_vs_bf16"] = case["torch_eager_bf16_ms"] / ort_ms
         case["speedup_vs_fp32"] = case["torch_eager_fp32_ms"] / ort_ms

@@ -90,6 +90,25 @@ class Backend(Protocol):
         """Backbone forward passes so far (prefill, block steps and commits each count one)."""
 
 
+def fill_step_mask(out: np.ndarray, cache_valid: np.ndarray, keep: np.ndarray | None, block_valid: np.ndarray,
+                   causal_blocks: bool, block_size: int = 32) -> np.ndarray:
+    """The layer graphs' ``attn_mask`` [B, T, capacity+T], written into ``out`` (a reused buffer).
+
+    Cache columns: valid entries (and, for SPRINT, kept ones); block columns: the block's valid tokens,
+    block-causal within the new tokens for a prefill.
+    """
+    capacity = cache_valid.shape[1]
+    tokens = block_valid.shape[1]
+    out[:, :, :capacity] = cache_valid[:, None, :]
+    if keep is not None:
+        out[:, :, :keep.shape[1]] &= keep[:, None, :]
+    out[:, :, capacity:] = block_valid[:, None, :]
+    if causal_blocks:
+        blk = np.arange(tokens) // block_size
+        out[:, :, capacity:] &= (blk[None, :] <= blk[:, None])[None]
+    return out
+
+
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 

@@ -23,6 +23,7 @@ from llada_edge.config import ModelConfig
 from llada_edge.engines.manifest import Manifest
 from llada_edge.errors import InputError
 from llada_edge.positions import dit_rope_tables
+from llada_edge.runtime.backend import fill_step_mask
 
 BLOCK = 32
 
@@ -157,13 +158,7 @@ class OnnxRuntimeBackend:
         buf = self._buffers_for(rows, tokens)
         buf.ids[:] = ids
         buf.positions[:] = positions
-        capacity = self._valid.shape[1]
-        cached = self._valid if not (use_keep and self._keep is not None) else self._valid & self._keep_full()
-        buf.mask[:, :, :capacity] = cached[:, None, :]
-        buf.mask[:, :, capacity:] = valid[:, None, :]
-        if causal_blocks:  # a prefill: block-causal inside the new tokens
-            blk = np.arange(tokens) // BLOCK
-            buf.mask[:, :, capacity:] &= (blk[None, :] <= blk[:, None])[None]
+        fill_step_mask(buf.mask, self._valid, self._keep if use_keep else None, valid, causal_blocks, BLOCK)
         self._run_bound("embed", {"ids": buf.ids}, {"hidden": buf.hidden[0]})
         cur, nxt = buf.hidden
         for i in range(self._layers):
@@ -174,11 +169,6 @@ class OnnxRuntimeBackend:
         buf.hidden = (cur, nxt)  # the final hidden state is hidden[0]
         self._passes += 1
         return buf
-
-    def _keep_full(self) -> np.ndarray:
-        keep = np.ones_like(self._valid)
-        keep[:, :self._keep.shape[1]] = self._keep
-        return keep
 
     def _append(self, buf: _Buffers, valid: np.ndarray) -> None:
         n = valid.shape[1]

@@ -27,6 +27,7 @@ from llada_edge.config import ModelConfig
 from llada_edge.engines.manifest import Manifest
 from llada_edge.errors import InputError
 from llada_edge.positions import dit_rope_tables
+from llada_edge.runtime.backend import fill_step_mask
 
 BLOCK = 32
 INSTALL_HINT = ("the tensorrt backend needs TensorRT and cuda-python (pip install tensorrt cuda-python, from "
@@ -244,15 +245,8 @@ class TensorRTBackend:
         rows, tokens = ids.shape
         step = self._step(rows, tokens)
         capacity = self._valid.shape[1]
-        cached = self._valid.copy()
-        if use_keep and self._keep is not None:
-            cached[:, :self._keep.shape[1]] &= self._keep
-        mask = np.empty((rows, tokens, capacity + tokens), bool)
-        mask[:, :, :capacity] = cached[:, None, :]
-        mask[:, :, capacity:] = valid[:, None, :]
-        if causal_blocks:
-            blk = np.arange(tokens) // BLOCK
-            mask[:, :, capacity:] &= (blk[None, :] <= blk[:, None])[None]
+        mask = fill_step_mask(np.empty((rows, tokens, capacity + tokens), bool), self._valid,
+                              self._keep if use_keep else None, valid, causal_blocks, BLOCK)
         step.ids.upload(ids, self.stream)  # in place: a captured graph keeps reading these buffers
         step.positions.upload(positions, self.stream)
         step.mask.upload(mask, self.stream)
