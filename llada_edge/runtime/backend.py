@@ -90,6 +90,21 @@ class Backend(Protocol):
         """Backbone forward passes so far (prefill, block steps and commits each count one)."""
 
 
+class CacheCounters:
+    """Bookkeeping every backend shares: tokens in the KV cache, backbone passes run."""
+
+    _len: int = 0
+    _passes: int = 0
+
+    @property
+    def cache_len(self) -> int:
+        return self._len
+
+    @property
+    def forward_passes(self) -> int:
+        return self._passes
+
+
 def fill_step_mask(out: np.ndarray, cache_valid: np.ndarray, keep: np.ndarray | None, block_valid: np.ndarray,
                    causal_blocks: bool, block_size: int = 32) -> np.ndarray:
     """The layer graphs' ``attn_mask`` [B, T, capacity+T], written into ``out`` (a reused buffer).

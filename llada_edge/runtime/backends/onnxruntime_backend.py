@@ -23,7 +23,7 @@ from llada_edge.config import ModelConfig
 from llada_edge.engines.manifest import Manifest
 from llada_edge.errors import InputError
 from llada_edge.positions import dit_rope_tables
-from llada_edge.runtime.backend import fill_step_mask
+from llada_edge.runtime.backend import CacheCounters, fill_step_mask
 
 BLOCK = 32
 
@@ -41,7 +41,7 @@ class _Buffers:
     logits: dict[str, np.ndarray]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(CacheCounters):
     name = "onnxruntime"
 
     def __init__(self, build_dir: str | Path, precision: str = "fp32", providers: list[str] | None = None,
@@ -126,14 +126,6 @@ class OnnxRuntimeBackend:
         self._valid[:] = False
         self._keep = None
         self._len = 0
-
-    @property
-    def cache_len(self) -> int:
-        return self._len
-
-    @property
-    def forward_passes(self) -> int:
-        return self._passes
 
     def _buffers_for(self, rows: int, tokens: int) -> _Buffers:
         key = (rows, tokens)

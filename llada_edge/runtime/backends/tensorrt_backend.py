@@ -27,7 +27,7 @@ from llada_edge.config import ModelConfig
 from llada_edge.engines.manifest import Manifest
 from llada_edge.errors import InputError
 from llada_edge.positions import dit_rope_tables
-from llada_edge.runtime.backend import fill_step_mask
+from llada_edge.runtime.backend import CacheCounters, fill_step_mask
 
 BLOCK = 32
 INSTALL_HINT = ("the tensorrt backend needs TensorRT and cuda-python (pip install tensorrt cuda-python, from "
@@ -94,7 +94,7 @@ class _Step:
     extra: dict[str, _DeviceArray] = field(default_factory=dict)
 
 
-class TensorRTBackend:
+class TensorRTBackend(CacheCounters):
     name = "tensorrt"
     fused_head_kinds = ("text", "image")
 
@@ -184,14 +184,6 @@ class TensorRTBackend:
         self._valid[:] = False
         self._keep = None
         self._len = 0
-
-    @property
-    def cache_len(self) -> int:
-        return self._len
-
-    @property
-    def forward_passes(self) -> int:
-        return self._passes
 
     def _step(self, rows: int, tokens: int) -> _Step:
         if (rows, tokens) not in self._steps:

@@ -26,6 +26,7 @@ from llada_edge.checkpoint import CheckpointFolder
 from llada_edge.errors import InputError
 from llada_edge.model import load_backbone, load_dit, load_sigvq, load_vae, load_vision_tokenizer
 from llada_edge.model.backbone import LLaDA2Backbone
+from llada_edge.runtime.backend import CacheCounters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -62,7 +63,7 @@ class _CapturedStep:
         return self.out
 
 
-class TorchBackend:
+class TorchBackend(CacheCounters):
     name = "torch"
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -132,14 +133,6 @@ class TorchBackend:
         self._keep = None
         self._len = 0
         self._history = []
-
-    @property
-    def cache_len(self) -> int:
-        return self._len
-
-    @property
-    def forward_passes(self) -> int:
-        return self._passes
 
     def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor) -> None:
         n = valid.shape[1]
