@@ -41,7 +41,7 @@ def run_reference(model_dir: str | Path, height: int = 256, width: int = 256, se
 
     from llada_edge.checkpoint import CheckpointFolder
     from llada_edge.model import load_backbone, load_dit, load_sigvq, load_vae, load_vision_tokenizer
-    from llada_edge.model.sigvq import upsample_ids_2x
+    from llada_edge.runtime.decode import upsample_ids_2x
 
     if height % 32 or width % 32 or height <= 0 or width <= 0:
         raise InputError(f"image size must be positive multiples of 32, got {height}x{width}")
@@ -78,7 +78,8 @@ def run_reference(model_dir: str | Path, height: int = 256, width: int = 256, se
     gh, gw = height // 32, width // 32  # the semantic grid an image of this size is generated at
     vq = torch.randint(0, cfg.vision.num_embeddings, (gh * gw,))
     sigvq = load_sigvq(ckpt)
-    cap = stage("sigvq", lambda: sigvq(upsample_ids_2x(vq, gh, gw))[None], lambda x: f"features {list(x.shape)}")
+    up = torch.from_numpy(upsample_ids_2x(vq.numpy(), gh, gw))
+    cap = stage("sigvq", lambda: sigvq(up)[None], lambda x: f"features {list(x.shape)}")
     hl, wl = height // cfg.vae.downsample_factor, width // cfg.vae.downsample_factor
     latent = torch.randn(1, cfg.vae.latent_channels, 1, hl, wl)
     for mode in ("turbo", "normal"):

@@ -154,8 +154,9 @@ def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = 
     """Measure a precision against fp32 on the held-out set; write reports/accuracy-<precision>.{json,md}."""
     build_dir = Path(build_dir)
     evaluation = json.loads(CALIBRATION_SET.read_text())["evaluation"]
-    ref = Pipeline(OnnxRuntimeBackend(build_dir, "fp32", verify=False), _tokenizer(build_dir))
-    quant = Pipeline(OnnxRuntimeBackend(build_dir, precision, verify=False), _tokenizer(build_dir))
+    tokenizer = _tokenizer(build_dir)
+    ref = Pipeline(OnnxRuntimeBackend(build_dir, "fp32", verify=False), tokenizer)
+    quant = Pipeline(OnnxRuntimeBackend(build_dir, precision, verify=False), tokenizer)
     progress(f"accuracy ({precision}): teacher-forced logits ...")
     metrics = _teacher_forced(ref, quant, evaluation)
     progress(f"accuracy ({precision}): generation ...")

@@ -47,11 +47,16 @@ from llada_edge.engines.manifest import (
     versions_of,
 )
 from llada_edge.errors import InputError, LladaEdgeError
-from llada_edge.export.components import MOE_LOWERINGS, build_module, select_components, source_fingerprint
+from llada_edge.export.components import (
+    MOE_LOWERINGS,
+    build_module,
+    component_bytes,
+    select_components,
+    source_fingerprint,
+)
 from llada_edge.export.components import validation_cases as cases_for
 from llada_edge.export.specs import ComponentSpec, all_specs
 from llada_edge.export.validate import reference_outputs, validate_component, write_reports
-from llada_edge.layout import backbone_layer_layout
 
 EXPORTER_VERSION = 1  # bump when a graph changes, so older exports are rebuilt
 ISOLATE_BYTES = 256 * 1024 * 1024  # components above this are exported in a fresh process
@@ -141,25 +146,6 @@ def _up_to_date(out: Path, entry: ComponentEntry | None, key: str) -> bool:
     if entry is None or entry.key != key:
         return False
     return all((out / f.path).is_file() and (out / f.path).stat().st_size == f.size for f in entry.files)
-
-
-def component_bytes(ckpt: CheckpointFolder, name: str) -> int:
-    """Stored bytes of a component's weights (decides whether it is exported in its own process)."""
-    if name.startswith(("layer_", "head_")) or name == "embed":
-        if name == "embed":
-            keys = ["model.word_embeddings.weight"]
-        elif name.startswith("head_"):
-            keys = ["lm_head.weight"]
-        else:
-            keys = list(backbone_layer_layout(ckpt.config.backbone, int(name.split("_", 1)[1])))
-        return sum(ckpt.backbone.info(k).nbytes for k in keys if k in ckpt.backbone)
-    if name == "vision_tokenizer":
-        return ckpt.vision.total_bytes
-    if name.startswith("dit_"):
-        return ckpt.decoder(name.split("_", 1)[1]).total_bytes
-    if name == "vae_decoder":
-        return ckpt.vae_weights.total_bytes
-    return ckpt.sigvq_path.stat().st_size
 
 
 def export_component(checkpoint: str, name: str, moe: str, opset: int, validate: bool, reports_dir: str,

@@ -120,30 +120,47 @@ def _tensors_fingerprint(reader: TensorReader, keys: list[str]) -> list:
         _file_stat(f) for f in files]
 
 
+def component_tensors(ckpt: CheckpointFolder, name: str) -> tuple[TensorReader | None, list[str]]:
+    """The reader and keys a component's graph is built from (None for SigVQ, a torch.save file)."""
+    b = ckpt.config.backbone
+    if name.startswith("layer_"):
+        return ckpt.backbone, list(backbone_layer_layout(b, int(name.split("_", 1)[1])))
+    if name == "embed":
+        return ckpt.backbone, ["model.word_embeddings.weight"]
+    if name.startswith("head_"):
+        head = "model.word_embeddings.weight" if b.tie_word_embeddings else "lm_head.weight"
+        return ckpt.backbone, ["model.norm.weight", head]
+    if name == "vision_tokenizer":
+        return ckpt.vision, ckpt.vision.keys()
+    if name.startswith("dit_"):
+        reader = ckpt.decoder(name.split("_", 1)[1])
+        return reader, reader.keys()
+    if name == "vae_decoder":
+        return ckpt.vae_weights, ckpt.vae_weights.keys()
+    if name == "sigvq":
+        return None, []
+    raise InputError(f"unknown component {name!r}")
+
+
+def component_bytes(ckpt: CheckpointFolder, name: str) -> int:
+    """Stored bytes of a component's weights (decides whether it is exported in its own process)."""
+    reader, keys = component_tensors(ckpt, name)
+    if reader is None:
+        return ckpt.sigvq_path.stat().st_size
+    return sum(reader.info(k).nbytes for k in keys if k in reader)
+
+
 def source_fingerprint(ckpt: CheckpointFolder, name: str) -> list:
     """Everything a component's graph depends on: its config and its tensors (header entries plus the
     size and mtime of the files holding them -- a rewritten shard invalidates the components in it)."""
     cfg = ckpt.config
-    b = cfg.backbone
-    if name.startswith("layer_"):
-        i = int(name.split("_", 1)[1])
-        return [b.__dict__, _tensors_fingerprint(ckpt.backbone, list(backbone_layer_layout(b, i)))]
-    if name == "embed":
-        return [b.__dict__, _tensors_fingerprint(ckpt.backbone, ["model.word_embeddings.weight"])]
-    if name.startswith("head_"):
-        keys = ["model.norm.weight", "lm_head.weight", "model.word_embeddings.weight" if b.tie_word_embeddings else ""]
-        return [b.__dict__, _tensors_fingerprint(ckpt.backbone, keys)]
-    if name == "vision_tokenizer":
-        return [cfg.vision.__dict__, cfg.preprocessor.__dict__, _tensors_fingerprint(ckpt.vision, ckpt.vision.keys())]
-    if name == "sigvq":
-        return [_file_stat(ckpt.sigvq_path)]
+    reader, keys = component_tensors(ckpt, name)
+    config: list = {"vision_tokenizer": [cfg.vision.__dict__, cfg.preprocessor.__dict__], "sigvq": [],
+                    "vae_decoder": [cfg.vae.raw]}.get(name, [cfg.backbone.__dict__])
     if name.startswith("dit_"):
-        mode = name.split("_", 1)[1]
-        reader = ckpt.decoder(mode)
-        return [cfg.decoders[mode].__dict__, _tensors_fingerprint(reader, reader.keys())]
-    if name == "vae_decoder":
-        return [cfg.vae.raw, _tensors_fingerprint(ckpt.vae_weights, ckpt.vae_weights.keys())]
-    raise InputError(f"unknown component {name!r}")
+        config = [cfg.decoders[name.split("_", 1)[1]].__dict__]
+    tensors = [_file_stat(ckpt.sigvq_path)] if reader is None else _tensors_fingerprint(reader, keys)
+    return [*config, tensors]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llada_edge.config import BackboneConfig
-from llada_edge.model.backbone import DecoderLayer, mask_to_bias, rope_cos_sin, rope_inv_freq
+from llada_edge.model.backbone import DecoderLayer, guided_greedy, mask_to_bias, rope_cos_sin, rope_inv_freq
 from llada_edge.model.dit import ZImageDiT
 from llada_edge.model.sigvq import SigVQ
 from llada_edge.model.vae import VaeDecoder
@@ -68,11 +68,7 @@ class SampleHeadGraph(nn.Module):
         self.head = HeadGraph(norm, weight)
 
     def forward(self, hidden: torch.Tensor, row_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        guided = (self.head(hidden) * row_weights.float()[:, None, None]).sum(dim=0)
-        top = guided.max(dim=-1, keepdim=True).values
-        x0 = guided.argmax(dim=-1)
-        p = 1.0 / torch.exp(guided - top).sum(dim=-1)
-        return x0, p
+        return guided_greedy(self.head(hidden), row_weights)
 
 
 class LayerGraph(nn.Module):

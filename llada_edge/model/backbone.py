@@ -148,6 +148,16 @@ def noaux_tc_route(logits: torch.Tensor, expert_bias: torch.Tensor, n_group: int
     return weights * scaling, idx
 
 
+def guided_greedy(logits: torch.Tensor, row_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG as row weights, then greedy scoring: logits [B, T, V] -> (x0 [T], p = softmax(guided)[x0]).
+
+    The math of the fused ``head_*_sample`` graphs (and of the torch backend's fused head).
+    """
+    guided = (logits.float() * row_weights.float()[:, None, None]).sum(dim=0)
+    top = guided.max(dim=-1, keepdim=True).values
+    return guided.argmax(dim=-1), 1.0 / torch.exp(guided - top).sum(dim=-1)
+
+
 class Gate(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -157,9 +167,13 @@ class Gate(nn.Module):
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.top_k, self.scaling = cfg.num_experts_per_tok, cfg.routed_scaling_factor
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits, always in fp32 (``router_dtype``)."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
-        return noaux_tc_route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.scaling)
+        return noaux_tc_route(self.logits(x), self.expert_bias, self.n_group, self.topk_group, self.top_k,
+                              self.scaling)
 
 
 def threshold_combine_weights(logits: torch.Tensor, expert_bias: torch.Tensor, n_group: int, topk_group: int,
@@ -232,8 +246,7 @@ class MoE(nn.Module):
 
     def combine(self, flat: torch.Tensor) -> torch.Tensor:
         g = self.gate
-        logits = F.linear(flat.float(), g.weight.float())
-        return threshold_combine_weights(logits, g.expert_bias, g.n_group, g.topk_group, g.top_k, g.scaling)
+        return threshold_combine_weights(g.logits(flat), g.expert_bias, g.n_group, g.topk_group, g.top_k, g.scaling)
 
     def routed_dense(self, flat: torch.Tensor) -> torch.Tensor:
         combine = self.combine(flat)

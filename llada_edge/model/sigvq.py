@@ -2,7 +2,7 @@
 
 ``feat = W2 · silu(W1 · E[q] + b1) + b2``; the ids are the *un-offset* VQ codes. Before embedding,
 the h x w id grid is upsampled 2x (nearest), always, so a 32x32 grid conditions the decoder with
-64x64 = 4096 features.
+64x64 = 4096 features (:func:`llada_edge.runtime.decode.upsample_ids_2x`, numpy, shared with the runtime).
 """
 
 from __future__ import annotations
@@ -10,13 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def upsample_ids_2x(ids: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Raster ids [h*w] -> nearest 2x upsampled raster ids [4*h*w], as an index gather."""
-    rows = torch.arange(2 * h, device=ids.device) // 2
-    cols = torch.arange(2 * w, device=ids.device) // 2
-    return ids.reshape(h, w)[rows][:, cols].reshape(-1)
 
 
 class _Proj(nn.Module):

@@ -15,9 +15,10 @@ Calls, in order, for one request::
             logits = backend.head_image(hidden)  (or head_text)
         backend.commit(ids, positions, valid)     # final block tokens -> their K/V appended
 
-Implementations (``backends/``): ``torch`` (the PyTorch reference; CUDA graphs on CUDA devices),
+Implementations (``backends/``): ``torch`` (the PyTorch reference; a CUDA-graph mode for CUDA devices),
 ``onnxruntime`` (build folders, CPU) and ``tensorrt`` (build folders, GPU; one CUDA graph per step
-shape). Nothing in this module imports torch.
+shape). The CUDA-graph and TensorRT paths have not run on this project's machines (no GPU, no
+TensorRT). Nothing in this module imports torch.
 """
 
 from __future__ import annotations

@@ -267,6 +267,7 @@ class BlockDiffusionSampler:
         self.mask_id = cfg.mask_token_id
         self.offset = cfg.image_token_offset if head == "image" else 0
         self.max_positions = cfg.max_position_embeddings
+        self.strategy = sprint.strategy if sprint is not None else "low_confidence"
         self._engine_seconds = 0.0
 
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -275,8 +276,7 @@ class BlockDiffusionSampler:
     def _use_fused_head(self) -> bool:
         """The fused graph computes greedy p; sampling, rescale and other confidence measures need logits."""
         s = self.sampling
-        strategy = self.sprint.strategy if self.sprint is not None else "low_confidence"
-        return (s.fused_head and s.temperature == 0 and not s.cfg_rescale and strategy == "low_confidence"
+        return (s.fused_head and s.temperature == 0 and not s.cfg_rescale and self.strategy == "low_confidence"
                 and self.head in getattr(self.backend, "fused_head_kinds", ()))
 
     def _timed(self, fn: Callable, *args: object, **kwargs: object):
@@ -297,9 +297,8 @@ class BlockDiffusionSampler:
         # Only masked positions are scored: the head output of the others is never used.
         where = np.flatnonzero(active)
         g = guide(self._timed(self._logits, hidden)[:, where], row_weights, self.sampling.cfg_rescale)
-        strategy = self.sprint.strategy if self.sprint is not None else "low_confidence"
         x0, p, conf = np.zeros(bs, np.int64), np.zeros(bs), np.full(bs, -np.inf)
-        x0[where], p[where], conf[where] = score_tokens(g, self.sampling.temperature, rng, strategy)
+        x0[where], p[where], conf[where] = score_tokens(g, self.sampling.temperature, rng, self.strategy)
         return x0, p, conf
 
     def generate(self, rows: Rows, gen_length: int, row_weights: Sequence[float] = (1.0,),

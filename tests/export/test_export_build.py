@@ -97,7 +97,7 @@ def test_interrupted_export_leaves_nothing_trusted(tiny_ckpt: Path, tmp_path: Pa
     with pytest.raises(KeyboardInterrupt):
         export_build(tiny_ckpt, out, ["sigvq"], progress=lambda _m: None)
     assert not (out / "onnx" / "sigvq").exists()
-    assert not list((out / "onnx").glob(".*")) if (out / "onnx").exists() else True
+    assert not list(out.rglob("*.partial"))  # the temporary folder went with the crash
     assert "sigvq" not in Manifest.load(out).components
     monkeypatch.undo()
     export_build(tiny_ckpt, out, ["sigvq"], progress=lambda _m: None)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from llada_edge.config import ModelConfig
+from llada_edge.runtime.backend import CacheCounters
 
 LogitsFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]  # (block ids, positions, call no.) -> logits
 
 
-class ScriptedBackend:
+class ScriptedBackend(CacheCounters):
     """Implements the Backend protocol's backbone half in numpy; records every call.
 
     ``forward_block`` passes the block ids through as the "hidden state"; the head then asks
@@ -54,14 +55,6 @@ class ScriptedBackend:
 
     def set_cache_mask(self, keep) -> None:
         self.masks.append(None if keep is None else keep.copy())
-
-    @property
-    def cache_len(self) -> int:
-        return self._len
-
-    @property
-    def forward_passes(self) -> int:
-        return self._passes
 
     def _head(self, hidden: np.ndarray) -> np.ndarray:
         n_blocks = sum(1 for c in self.calls if c[0] == "block")

@@ -144,7 +144,7 @@ def test_onnxruntime_pipeline_runs_without_torch(tiny_build: Path) -> None:
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "ort"])
-def test_fused_sampling_head_gives_the_same_tokens(pipes, photo, backend_name) -> None:
+def test_fused_sampling_head_gives_the_same_tokens(pipes, backend_name) -> None:
     """head_*_sample (CFG + argmax + p inside the graph) vs logits + host scoring."""
     from llada_edge.runtime import prompts
     from llada_edge.runtime.sampler import BlockDiffusionSampler, SamplingConfig, left_pad
@@ -157,7 +157,5 @@ def test_fused_sampling_head_gives_the_same_tokens(pipes, photo, backend_name) -
     results = [BlockDiffusionSampler(pipe.backend, "image", SamplingConfig(steps=4, fused_head=fused)).generate(
         rows, 24, [3.0, -2.0]) for fused in (True, False)]
     assert results[0].tokens.tolist() == results[1].tokens.tolist()
-    text = [pipe.understand(photo, "Describe it.", max_new_tokens=32, steps=8) for _ in range(1)]
-    assert text[0].tokens
     for r in results:
         assert 0.0 < r.engine_seconds <= r.loop_seconds and 0.0 <= r.host_fraction < 1.0

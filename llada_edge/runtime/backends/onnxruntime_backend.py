@@ -13,7 +13,7 @@ Needs numpy + onnxruntime only (no torch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,9 @@ class _Buffers:
     hidden: tuple[np.ndarray, np.ndarray]
     k_blk: list[np.ndarray]
     v_blk: list[np.ndarray]
-    logits: dict[str, np.ndarray]
+    # head outputs, allocated on first use: a prefill shape never runs a head, and full-vocabulary
+    # logits for a whole prompt would be rows x prompt x 173568 floats
+    heads: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class OnnxRuntimeBackend(CacheCounters):
@@ -55,8 +57,8 @@ class OnnxRuntimeBackend(CacheCounters):
         if precision != "fp32" and not any(n.startswith(prefix) for n in self.manifest.components):
             raise InputError(f"{self.build_dir}: no {precision} engines in this build; create them with `llada-edge "
                              f"build --build {self.build_dir} --target onnxruntime --precision {precision}`")
-        if verify:
-            self.manifest.verify(self.build_dir)  # a tampered or missing file is a BuildError
+        if verify:  # a tampered or missing file is a BuildError; only the files this backend will load
+            self.manifest.verify(self.build_dir, [self._entry_name(n) for n in self._loadable()] + ["model"])
         self.config = ModelConfig.from_folder(self.build_dir / "model")
         b = self.config.backbone
         missing = [n for n in self._backbone_names() if n not in self.manifest.components]
@@ -80,7 +82,21 @@ class OnnxRuntimeBackend(CacheCounters):
         self._passes = 0
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._rope_cache: dict[tuple[str, int, int, int], tuple[np.ndarray, ...]] = {}
-        self._sample_out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # Heads whose fused graph pays off. Measured on the CPU provider (tiny preset, 32-token steps):
+        # the 16384-way image head runs 1.6x faster fused, but ORT's exp + reductions over the 173568-way
+        # text vocabulary (~13 ms) cost more than host scoring of the still-masked rows only, so text
+        # fuses on GPU providers alone.
+        gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self._providers)
+        self.fused_head_kinds = tuple(k for k in (("text", "image") if gpu else ("image",))
+                                      if f"head_{k}_sample" in self.manifest.components)
+
+    def _loadable(self) -> list[str]:
+        return [name for name, entry in self.manifest.components.items() if entry.kind == "onnx"]
+
+    def _entry_name(self, name: str) -> str:
+        """The manifest entry a component runs from: this precision's engine, else the fp32 export."""
+        engine = f"onnxruntime/{self.precision}/{name}"
+        return engine if engine in self.manifest.components else name
 
     def _backbone_names(self) -> list[str]:
         return ["embed", *(f"layer_{i}" for i in range(self.config.backbone.num_hidden_layers)), "head_text",
@@ -93,10 +109,9 @@ class OnnxRuntimeBackend(CacheCounters):
             if name not in self.manifest.components:
                 raise InputError(f"{self.build_dir}: no {name!r} in this build; export it with "
                                  f"`llada-edge export --components {name}`")
-            engine = f"onnxruntime/{self.precision}/{name}"
-            # a precision's engine when the recipe rewrote this component, else the exported fp32 graph
-            path = (self.build_dir / "engines" / engine if engine in self.manifest.components
-                    else self.build_dir / "onnx" / name) / "model.onnx"
+            entry = self._entry_name(name)
+            path = (self.build_dir / "engines" / entry if entry != name else self.build_dir / "onnx" / name) \
+                / "model.onnx"
             self._sessions[name] = self._ort.InferenceSession(str(path), self._options, providers=self._providers)
             self._bindings[name] = self._sessions[name].io_binding()
         return self._sessions[name]
@@ -139,10 +154,14 @@ class OnnxRuntimeBackend(CacheCounters):
                 hidden=(np.zeros((rows, tokens, b.hidden_size), np.float32),
                         np.zeros((rows, tokens, b.hidden_size), np.float32)),
                 k_blk=[np.zeros(kv, np.float32) for _ in range(self._layers)],
-                v_blk=[np.zeros(kv, np.float32) for _ in range(self._layers)],
-                logits={"head_text": np.zeros((rows, tokens, b.vocab_size), np.float32),
-                        "head_image": np.zeros((rows, tokens, b.num_image_tokens), np.float32)})
+                v_blk=[np.zeros(kv, np.float32) for _ in range(self._layers)])
         return self._buffers[key]
+
+    def _head_buffer(self, rows: int, tokens: int, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        heads = self._buffers_for(rows, tokens).heads
+        if name not in heads:
+            heads[name] = np.zeros(shape, dtype)
+        return heads[name]
 
     def _backbone(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, causal_blocks: bool,
                   use_keep: bool) -> _Buffers:
@@ -202,34 +221,20 @@ class OnnxRuntimeBackend(CacheCounters):
 
     def _head(self, name: str, hidden: np.ndarray) -> np.ndarray:
         rows, tokens, _ = hidden.shape
-        out = self._buffers_for(rows, tokens).logits[name]
+        b = self.config.backbone
+        vocab = b.num_image_tokens if name == "head_image" else b.vocab_size
+        out = self._head_buffer(rows, tokens, name, (rows, tokens, vocab), np.float32)
         self._run_bound(name, {"hidden": np.ascontiguousarray(hidden, np.float32)}, {"logits": out})
         return out
 
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
         return self._head("head_text", hidden)
 
-    @property
-    def supports_fused_head(self) -> bool:
-        return bool(self.fused_head_kinds)
-
-    @property
-    def fused_head_kinds(self) -> tuple[str, ...]:
-        """Heads whose fused graph pays off. Measured on the CPU provider (tiny preset, 32-token steps):
-        the 16384-way image head runs 1.6x faster fused, but ORT's exp + reductions over the 173568-way
-        text vocabulary (~13 ms) cost more than host scoring of the still-masked rows only, so text fuses
-        on GPU providers alone."""
-        gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self._providers)
-        kinds = ("text", "image") if gpu else ("image",)
-        return tuple(k for k in kinds if f"head_{k}_sample" in self.manifest.components)
-
     def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Guided greedy scoring inside the graph: (x0 [T], p [T]) instead of [B, T, vocab] logits."""
         rows, tokens, _ = hidden.shape
-        key = (rows, tokens)
-        if key not in self._sample_out:
-            self._sample_out[key] = (np.zeros(tokens, np.int64), np.zeros(tokens, np.float32))
-        x0, p = self._sample_out[key]
+        x0 = self._head_buffer(rows, tokens, f"head_{kind}_sample.x0", (tokens,), np.int64)
+        p = self._head_buffer(rows, tokens, f"head_{kind}_sample.p", (tokens,), np.float32)
         self._run_bound(f"head_{kind}_sample", {"hidden": np.ascontiguousarray(hidden, np.float32),
                                                 "row_weights": np.asarray(row_weights, np.float32)},
                         {"x0": x0, "p": p})

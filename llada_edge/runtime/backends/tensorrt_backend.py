@@ -287,8 +287,6 @@ class TensorRTBackend(CacheCounters):
     def head_image(self, hidden: np.ndarray) -> np.ndarray:
         return self._run_host("head_image", {"hidden": hidden.astype(np.float32)})[0]
 
-    supports_fused_head = True
-
     def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x0, p = self._run_host(f"head_{kind}_sample", {"hidden": hidden.astype(np.float32),
                                                        "row_weights": np.asarray(row_weights, np.float32)})

@@ -13,6 +13,8 @@ step never change within a request: the precondition for CUDA graphs, and testab
 ``cuda_graphs=True`` (CUDA only, implies static shapes) then captures one graph per shape key
 (rows x block tokens x capacity) after warm-up runs on a side stream, and replays it with the inputs
 copied into static buffers; when capture fails it falls back to eager for that key and records why.
+The capture/replay itself has not run on this project's machines (no GPU was available); its test skips
+without a CUDA device.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from llada_edge.checkpoint import CheckpointFolder
 from llada_edge.errors import InputError
 from llada_edge.model import load_backbone, load_dit, load_sigvq, load_vae, load_vision_tokenizer
-from llada_edge.model.backbone import LLaDA2Backbone
+from llada_edge.model.backbone import LLaDA2Backbone, guided_greedy
 from llada_edge.runtime.backend import CacheCounters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -129,6 +131,7 @@ class TorchBackend(CacheCounters):
             self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
             self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
             self._valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+            self._graphs.clear()  # captured graphs read the cache by address: the old tensors are gone
         self._valid.zero_()
         self._keep = None
         self._len = 0
@@ -257,18 +260,15 @@ class TorchBackend(CacheCounters):
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
         return self.backbone.logits(self._t(hidden).to(self.dtype)).cpu().numpy()
 
-    supports_fused_head = True
     fused_head_kinds = ("text", "image")
 
     @torch.inference_mode()
     def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Guided greedy scoring: the math of the exported ``head_*_sample`` graphs."""
+        """Guided greedy scoring, the same function the exported ``head_*_sample`` graphs trace."""
         h = self._t(hidden).to(self.dtype)
         logits = self.backbone.image_logits(h) if kind == "image" else self.backbone.logits(h)
-        guided = (logits * self._t(np.asarray(row_weights, np.float32))[:, None, None]).sum(0)
-        top = guided.max(dim=-1, keepdim=True).values
-        p = 1.0 / torch.exp(guided - top).sum(dim=-1)
-        return guided.argmax(dim=-1).cpu().numpy(), p.cpu().numpy()
+        x0, p = guided_greedy(logits, self._t(np.asarray(row_weights, np.float32)))
+        return x0.cpu().numpy(), p.cpu().numpy()
 
     @torch.inference_mode()
     def head_image(self, hidden: np.ndarray) -> np.ndarray:
