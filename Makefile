@@ -54,8 +54,10 @@ engines: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/co
 bench: install
 	$(PY) benchmarks/bench.py --out benchmarks/results
 
+# ruff, then mypy (files and strictness in pyproject.toml [tool.mypy]): zero errors or the target fails.
 lint: install
 	$(PY) -m ruff check llada_edge tests benchmarks
+	$(PY) -m mypy
 
 test: lint
 	$(PY) -m pytest -q --durations=8

@@ -442,11 +442,11 @@ class CheckpointFolder:
         if "vae" in components:
             reader = self.vae_weights  # header parse: missing / truncated file errors name the file
             try:
-                from llada_edge.model.loading import vae_layout
+                expected = layout.vae_layout(cfg.vae.raw)
             except ImportError:  # no torch/diffusers: headers were still checked
                 pass
             else:
-                reports.append(validate(reader.tensors, vae_layout(cfg.vae.raw), "VAE", reader.source))
+                reports.append(validate(reader.tensors, expected, "VAE", reader.source))
         return reports
 
     def check(self, components: Iterable[str] = ("backbone", "vision", "sigvq", "decoder", "vae")) -> None:

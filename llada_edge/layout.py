@@ -6,12 +6,14 @@ validator checks a folder against them, so the two can never drift apart; the li
 (transformers' GLM-Image tokenizer, diffusers' Z-Image transformer, both loaded with strict key
 checks) confirm the names independently. The VAE layout is diffusers' own AutoencoderKL.
 
-Pure Python (no torch): shapes and dtype names only.
+Pure Python (no torch): shapes and dtype names only; :func:`vae_layout` alone imports torch and
+diffusers, when called.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from llada_edge.config import BackboneConfig, DecoderConfig, VisionTokenizerConfig
 
@@ -226,3 +228,13 @@ def layout_bytes(layout: Layout) -> int:
 
 def layout_params(layout: Layout) -> int:
     return sum(spec.numel for spec in layout.values())
+
+
+def vae_layout(config: dict[str, Any]) -> Layout:
+    """diffusers' AutoencoderKL keys and shapes for a vae/config.json (built on the meta device)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+    return {k: TensorSpec(tuple(v.shape)) for k, v in vae.state_dict().items()}

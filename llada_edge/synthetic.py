@@ -218,10 +218,8 @@ def make_tensor(spec: layout.TensorSpec, seed: int, component: str, key: str) ->
 
 
 def _vae_tensor_layout(config: dict[str, Any]) -> layout.Layout:
-    from llada_edge.model.loading import vae_layout
-
     out = {}
-    for key, spec in vae_layout(config).items():
+    for key, spec in layout.vae_layout(config).items():
         if len(spec.shape) == 1:
             init = "norm" if ("norm" in key and key.endswith("weight")) else "bias"
         else:

@@ -131,22 +131,13 @@ def load_dit(source: Source, mode: str = "turbo", dtype: torch.dtype = torch.flo
     return fill_module(model, reader.get, dtype)
 
 
-def vae_layout(config: dict) -> layout.Layout:
-    """diffusers' AutoencoderKL keys and shapes for a vae/config.json (built on the meta device)."""
-    from diffusers import AutoencoderKL
-
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(config)
-    return {k: layout.TensorSpec(tuple(v.shape)) for k, v in vae.state_dict().items()}
-
-
 def load_vae(source: Source, dtype: torch.dtype = torch.float32) -> VaeDecoder:
     from diffusers import AutoencoderKL
 
     ckpt = _folder(source)
     reader = ckpt.vae_weights
     config = ckpt.config.vae.raw
-    validate(reader.tensors, vae_layout(config), "VAE", reader.source).raise_if_failed()
+    validate(reader.tensors, layout.vae_layout(config), "VAE", reader.source).raise_if_failed()
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
     return VaeDecoder(fill_module(vae, reader.get, dtype)).eval()
