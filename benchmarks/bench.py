@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK = 32
+from llada_edge.config import BLOCK_SIZE as BLOCK
+
 PAST = 1024
 REAL_LAYERS = 20
 
@@ -188,9 +189,9 @@ def uni_part(args: argparse.Namespace, bandwidth: dict[str, float]) -> dict:
     import onnxruntime as ort
     import torch
 
-    from llada_edge.calibration.recipes import RECIPES
+    from llada_edge.buildfolder import Artifact
     from llada_edge.config import load_backbone_config
-    from llada_edge.engines.onnxruntime_builder import build_component
+    from llada_edge.engines.build import build_engines
     from llada_edge.export.build import export_build
     from llada_edge.model import load_backbone_layer
     from llada_edge.synthetic import synthesize
@@ -199,15 +200,13 @@ def uni_part(args: argparse.Namespace, bandwidth: dict[str, float]) -> dict:
     if not (ckpt / "config.json").is_file():
         synthesize(ckpt, "uni", layers=2, components=["backbone"], force=True, progress=print)
     export_build(ckpt, build, ["layer_0", "layer_1", "head_image"], moe="ort", validate=False, progress=print)
+    build_engines(build, "onnxruntime", "int4", report=False, progress=print)  # skipped when up to date
     cfg = load_backbone_config(ckpt)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sessions, weight_bytes = {}, {}
     for name in ("layer_0", "layer_1", "head_image"):
-        engine = args.workdir / "uni2-int4" / name
-        if not (engine / "model.onnx").is_file():
-            engine.mkdir(parents=True, exist_ok=True)
-            build_component(build / "onnx" / name / "model.onnx", engine, name, RECIPES["int4"])
+        engine = build / Artifact.ort_engine("int4", name).folder
         sessions[name] = ort.InferenceSession(str(engine / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         weight_bytes[name] = _initializer_bytes(onnx.load(str(engine / "model.onnx")))
     rng = np.random.default_rng(0)

@@ -31,8 +31,8 @@ def main() -> None:
     import torch
     from bench import median_ms  # this folder's shared timing helper (the script's directory is on sys.path)
 
-    from llada_edge.calibration.recipes import RECIPES
-    from llada_edge.engines.onnxruntime_builder import build_component
+    from llada_edge.buildfolder import Artifact
+    from llada_edge.engines.build import build_engines
     from llada_edge.export.build import export_build
     from llada_edge.model import load_backbone_layer
     from llada_edge.model.backbone import mask_to_bias, rope_cos_sin, rope_inv_freq
@@ -42,11 +42,8 @@ def main() -> None:
     if not (ckpt / "config.json").is_file():
         synthesize(ckpt, "uni", layers=2, components=["backbone"], force=True, progress=print)
     export_build(ckpt, build, ["layer_1"], moe="ort", validate=False, progress=print)
-    engine = build / "engines" / "onnxruntime" / "int4" / "layer_1"
-    if not (engine / "model.onnx").is_file():
-        engine.mkdir(parents=True, exist_ok=True)
-        print("int4 engine:", build_component(build / "onnx" / "layer_1" / "model.onnx", engine, "layer_1",
-                                              RECIPES["int4"]))
+    build_engines(build, "onnxruntime", "int4", report=False, progress=print)  # skipped when up to date
+    engine = build / Artifact.ort_engine("int4", "layer_1").folder
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(engine / "model.onnx"), opts, providers=["CPUExecutionProvider"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,14 +129,14 @@ class TensorReader:
 
     @classmethod
     def from_files(cls, files: Iterable[str | Path], source: str | Path | None = None) -> TensorReader:
-        files = [Path(f) for f in files]
+        paths = [Path(f) for f in files]
         tensors: dict[str, TensorInfo] = {}
-        for f in files:
+        for f in paths:
             for key, info in read_header(f).items():
                 if key in tensors:
                     raise CheckpointError(f"key also stored in {tensors[key].file.name}", file=f, key=key)
                 tensors[key] = info
-        return cls(tensors, Path(source) if source else (files[0].parent if files else Path(".")), files)
+        return cls(tensors, Path(source) if source else (paths[0].parent if paths else Path(".")), paths)
 
     @classmethod
     def from_folder(cls, folder: str | Path, index_name: str = INDEX_NAME,
@@ -240,11 +240,6 @@ class TensorReader:
         if info.dtype not in _NUMPY_DTYPES:
             raise CheckpointError(f"dtype {info.dtype} needs torch to decode; use get()", file=info.file, key=key)
         return np.frombuffer(raw, dtype=_NUMPY_DTYPES[info.dtype]).reshape(info.shape)
-
-    def iter_tensors(self, keys: Iterable[str] | None = None,
-                     dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in keys if keys is not None else self.keys():
-            yield key, self.get(key, dtype)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -358,7 +353,7 @@ class CheckpointFolder:
 
     # -- readers -------------------------------------------------------------------------------
 
-    def _reader(self, name: str, build: Any) -> TensorReader:
+    def _reader(self, name: str, build: Callable[[], TensorReader]) -> TensorReader:
         if name not in self._readers:
             self._readers[name] = build()
         return self._readers[name]

@@ -3,11 +3,11 @@
 * ``synth``     -> :func:`llada_edge.synthetic.synthesize`
 * ``inspect``   -> :func:`llada_edge.summary.summarize_checkpoint`
 * ``reference`` -> :func:`llada_edge.reference.run_reference`
-* ``run``       -> :class:`llada_edge.runtime.Pipeline` (understand, chat, t2i, edit)
+* ``run``       -> :meth:`llada_edge.runtime.Pipeline.run` on the typed request of :func:`run_request`
 * ``export``    -> :func:`llada_edge.export.build.export_build`
 * ``demo``      -> :func:`llada_edge.demo.run_demo`
 * ``build``     -> :func:`llada_edge.engines.build.build_engines`
-* ``calibrate`` -> :func:`llada_edge.calibration.capture.calibrate`
+* ``calibrate`` -> :func:`llada_edge.calibration.capture.calibrate_build`
 * ``quantize``  -> :func:`llada_edge.engines.build.ensure_qdq_graphs` (TensorRT Q/DQ graphs, on the CPU)
 
 Bad input (a broken folder, a wrong size...) exits with code 2 and a one-line reason on stderr,
@@ -17,12 +17,17 @@ never a traceback; an export whose numeric validation fails exits with code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llada_edge.errors import LladaEdgeError
+
+if TYPE_CHECKING:
+    from llada_edge.runtime.requests import Request
 
 EXIT_USAGE = 2
 
@@ -64,13 +69,11 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sprint_config(args: argparse.Namespace):
-    from llada_edge.runtime import SprintConfig
-
-    if not args.sprint:
-        return None
-    return SprintConfig(keep_ratio=args.keep_ratio, image_keep_ratio=args.image_keep_ratio,
-                        text_keep_ratio=args.text_keep_ratio, threshold=args.sprint_threshold)
+def _fields_given(args: argparse.Namespace, kind: type, **dests: str) -> dict[str, Any]:
+    """The fields of dataclass ``kind`` the user set (flags default to None, so the dataclass holds the default);
+    ``dests`` names the flag of a field whose flag is named differently."""
+    given = {f.name: getattr(args, dests.get(f.name, f.name), None) for f in dataclasses.fields(kind)}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -81,50 +84,52 @@ def _require(args: argparse.Namespace, *names: str) -> None:
             raise InputError(f"'run {args.task}' needs --{name.replace('_', '-')}")
 
 
+def run_request(args: argparse.Namespace) -> Request:
+    """The typed request a ``run`` command line describes."""
+    from llada_edge.runtime.requests import (
+        ChatRequest,
+        EditOptions,
+        EditRequest,
+        T2IOptions,
+        T2IRequest,
+        TextOptions,
+        UnderstandRequest,
+    )
+    from llada_edge.runtime.sampler import SprintConfig
+
+    sprint = None
+    if args.use_sprint:
+        sprint = SprintConfig(**_fields_given(args, SprintConfig, threshold="sprint_threshold"))
+    _require(args, "prompt", *(["image"] if args.task in ("understand", "edit") else []))
+    if args.task == "understand":
+        options = TextOptions(**_fields_given(args, TextOptions), sprint=sprint)
+        return UnderstandRequest(args.image, args.prompt, options)
+    if args.task == "chat":
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        return ChatRequest(messages, TextOptions(**_fields_given(args, TextOptions), sprint=sprint))
+    if args.task == "t2i":
+        return T2IRequest(args.prompt, T2IOptions(**_fields_given(args, T2IOptions), sprint=sprint))
+    return EditRequest(args.image, args.prompt, EditOptions(**_fields_given(args, EditOptions)))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from llada_edge.runtime import Pipeline
-    from llada_edge.runtime.backend import resolve_backend
+    from llada_edge.runtime import BackendOptions, ImageResult, Pipeline
     from llada_edge.runtime.pipeline import stderr_progress
 
-    backend = resolve_backend(args.backend, args.model) if Path(args.model).is_dir() else args.backend
-    options = {"device": args.device, "dtype": args.dtype} if backend == "torch" else {"precision": args.precision}
+    request = run_request(args)  # bad options fail before any model is loaded
     pipe = Pipeline.load(args.model, backend=args.backend, progress=None if args.quiet else stderr_progress,
-                         **options)
-    sprint = _sprint_config(args)
-    common = {"seed": args.seed, "threshold": args.threshold, "temperature": args.temperature}
+                         options=BackendOptions(args.precision, args.device, args.dtype))
+    result = pipe.run(request)
     outputs: list[str] = []
-    if args.task in ("understand", "chat"):
-        _require(args, "prompt", *(["image"] if args.task == "understand" else []))
-        text_opts = dict(common, max_new_tokens=args.max_new_tokens, sprint=sprint,
-                         steps=args.steps if args.steps is not None else 32)
-        if args.task == "understand":
-            result = pipe.understand(args.image, args.prompt, **text_opts)
-        else:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.prompt}]
-            result = pipe.chat(messages, **text_opts)
-        payload = result.to_dict()
-    else:
-        image_opts = dict(common, steps=args.steps if args.steps is not None else 8, decode_mode=args.decode_mode,
-                          decode_steps=args.decode_steps, cfg_rescale=args.cfg_rescale)
-        if args.task == "t2i":
-            _require(args, "prompt")
-            result = pipe.generate_image(args.prompt, args.height, args.width, cfg_scale=args.cfg_scale,
-                                         mode=args.mode, sprint=sprint, **image_opts)
-        else:
-            _require(args, "prompt", "image")
-            result = pipe.edit(args.image, args.prompt, cfg_text_scale=args.cfg_text_scale,
-                               cfg_image_scale=args.cfg_image_scale, **image_opts)
-        out = Path(args.out or f"{args.task}.png")
-        outputs.append(str(result.save(out)))
-        payload = result.to_dict()
+    if isinstance(result, ImageResult):
+        outputs.append(str(result.save(Path(args.out or f"{args.task}.png"))))
+    payload = result.to_dict()
     payload.update({"task": args.task, "backend": pipe.backend.name, "outputs": outputs})
     if args.json:
         print(json.dumps(payload))
-    elif args.task in ("understand", "chat"):
-        print(payload["text"])
     else:
-        print(outputs[0])
+        print(outputs[0] if outputs else payload["text"])
     return 0
 
 
@@ -133,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     manifest = export_build(args.checkpoint, args.out, args.components, moe=args.moe, opset=args.opset,
                             validate=not args.no_validate, progress=_progress)
-    print(f"{args.out}: {len(manifest.components) - 1} components"
+    exported = sum(1 for entry in manifest.components.values() if entry.kind == "onnx")
+    print(f"{args.out}: {exported} components"
           + (f", validation: {Path(args.out) / 'reports' / 'validation.md'}" if not args.no_validate else ""))
     return 0
 
@@ -152,20 +158,18 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from llada_edge.calibration.capture import calibrate
-    from llada_edge.engines.manifest import Manifest, atomic_dir
+    from llada_edge.calibration.capture import calibrate_build
 
-    checkpoint = args.checkpoint or Manifest.load(args.build).checkpoint.get("path")
-    with atomic_dir(Path(args.build) / "calibration") as tmp:
-        counts = calibrate(checkpoint, tmp, stride=args.stride, max_samples=args.max_samples, progress=_progress)
-    print(f"{Path(args.build) / 'calibration'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    calibrate_build(args.build, checkpoint=args.checkpoint, stride=args.stride, max_samples=args.max_samples,
+                    progress=_progress)
+    print(Path(args.build) / "calibration")
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from llada_edge.buildfolder import Manifest
     from llada_edge.calibration.recipes import get_recipe, parse_overrides
     from llada_edge.engines.build import ensure_qdq_graphs
-    from llada_edge.engines.manifest import Manifest
 
     build = Path(args.build).absolute()
     sources = ensure_qdq_graphs(build, Manifest.load(build), get_recipe(args.precision, parse_overrides(args.override)),
@@ -178,11 +182,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from llada_edge.demo import format_table, run_demo
     from llada_edge.runtime.pipeline import stderr_progress
 
-    rows = run_demo(args.model, args.out, args.backend, args.size, progress=stderr_progress,
-                    precision=args.precision)
-    from llada_edge.runtime.backend import resolve_backend
-
-    print(format_table(rows, resolve_backend(args.backend, args.model)))
+    backend, rows = run_demo(args.model, args.out, args.backend, args.size, progress=stderr_progress,
+                             precision=args.precision)
+    print(format_table(rows, backend))
     return 0
 
 
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from llada_edge.calibration.recipes import KINDS, RECIPES
+    from llada_edge.calibration.requests import DEFAULT_MAX_SAMPLES, DEFAULT_STRIDE
 
     p = sub.add_parser("build", help="engines for a target and precision, with an accuracy report",
                        description="Build engines from an exported build folder. onnxruntime: weights rewritten to "
@@ -283,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "BUILD/calibration (ModelOpt's .npz format) plus expert_coverage.json.")
     p.add_argument("--build", required=True, help="build folder")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the one the build was exported from)")
-    p.add_argument("--stride", type=int, default=2, help="capture every N-th denoising step (default 2)")
-    p.add_argument("--max-samples", type=int, default=64, help="samples kept per component (default 64)")
+    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                   help=f"capture every N-th denoising step (default {DEFAULT_STRIDE})")
+    p.add_argument("--max-samples", type=int, default=DEFAULT_MAX_SAMPLES,
+                   help=f"samples kept per component (default {DEFAULT_MAX_SAMPLES})")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("quantize", help="ModelOpt Q/DQ graphs for TensorRT (runs on the CPU)",
@@ -298,47 +303,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default(kind: type, name: str) -> Any:
+    """A dataclass field's default, for help texts (the flag itself defaults to None: "not given")."""
+    return next(f.default for f in dataclasses.fields(kind) if f.name == name)
+
+
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
-    from llada_edge.runtime.backend import BACKENDS
+    from llada_edge.runtime.backends import BACKENDS, BackendOptions
     from llada_edge.runtime.decode import DECODE_MODES
+    from llada_edge.runtime.requests import T2I_MODES, EditOptions, ImageOptions, T2IOptions, TextOptions
+    from llada_edge.runtime.sampler import SamplingConfig, SprintConfig
+
+    def dflt(kind: type, name: str) -> str:
+        return f"default {_default(kind, name)}"
 
     p = sub.add_parser(
         "run", help="run a request: understand, chat, t2i, edit",
         description="Run one request through the runtime. Text goes to stdout, images to a PNG (--out); --json "
         "prints one JSON object with the generated token ids, text, output paths, timings and forward passes. "
-        "Progress goes to stderr.")
+        "Progress goes to stderr. Every option maps onto a field of the typed requests in "
+        "llada_edge.runtime.requests, which hold the defaults.")
     p.add_argument("task", choices=("understand", "chat", "t2i", "edit"))
     p.add_argument("--model", required=True, help="checkpoint folder (torch) or build folder (onnxruntime)")
     p.add_argument("--backend", default="auto", help=f"engine backend: {', '.join(BACKENDS)} (default auto: "
                    "onnxruntime for a build folder, torch for a checkpoint folder)")
-    p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="torch backend dtype")
-    p.add_argument("--precision", default="fp32", help="onnxruntime backend: which engines of the build (fp32, "
-                   "fp8, int8, int4, mixed; see `llada-edge build`)")
+    p.add_argument("--device", default=BackendOptions.device, help="torch backend: cpu or cuda")
+    p.add_argument("--dtype", default=BackendOptions.dtype, choices=("float32", "bfloat16"),
+                   help="torch backend dtype")
+    p.add_argument("--precision", default=BackendOptions.precision, help="onnxruntime/tensorrt backends: which "
+                   "engines of the build (fp32, fp8, int8, int4, mixed; see `llada-edge build`)")
     p.add_argument("--image", help="input image (understand, edit)")
     p.add_argument("--prompt", help="question (understand), message (chat), prompt (t2i), instruction (edit)")
     p.add_argument("--system", help="chat: system prompt (default: the understanding assistant prompt)")
-    p.add_argument("--height", type=int, default=1024, help="t2i output height, multiple of 32 (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="t2i output width, multiple of 32 (default 1024)")
-    p.add_argument("--steps", type=int, help="denoising steps per 32-token block (default: 8 images, 32 text)")
-    p.add_argument("--threshold", type=float, default=0.95, help="confidence acceptance threshold (0.95)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy argmax (default)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="text: generation budget (default 512)")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="t2i guidance scale (1 = no CFG; default 2)")
-    p.add_argument("--cfg-text-scale", type=float, default=4.0, help="edit text guidance (default 4)")
-    p.add_argument("--cfg-image-scale", type=float, default=0.0, help="edit image guidance (default 0: 2 rows)")
-    p.add_argument("--cfg-rescale", type=float, default=None, help="CFG rescale phi (off by default; SGO uses 0.7)")
-    p.add_argument("--mode", choices=("normal", "thinking"), default="normal", help="t2i: thinking mode first "
-                   "writes its reasoning, then the image")
-    p.add_argument("--decode-mode", choices=sorted(DECODE_MODES), default="turbo",
-                   help="image decoder: turbo (8 steps, default) or normal (50 steps with CFG)")
+    p.add_argument("--height", type=int, help=f"t2i output height, multiple of 32 ({dflt(T2IOptions, 'height')})")
+    p.add_argument("--width", type=int, help=f"t2i output width, multiple of 32 ({dflt(T2IOptions, 'width')})")
+    p.add_argument("--steps", type=int, help=f"denoising steps per {_default(SamplingConfig, 'block_size')}-token "
+                   f"block (default: {_default(ImageOptions, 'steps')} images, {_default(TextOptions, 'steps')} text)")
+    p.add_argument("--threshold", type=float, help=f"confidence acceptance threshold "
+                   f"({dflt(SamplingConfig, 'threshold')})")
+    p.add_argument("--temperature", type=float, help="0 = greedy argmax (default)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"text: generation budget ({dflt(TextOptions, 'max_new_tokens')})")
+    p.add_argument("--cfg-scale", type=float, help=f"t2i guidance scale (1 = no CFG; {dflt(T2IOptions, 'cfg_scale')})")
+    p.add_argument("--cfg-text-scale", type=float, help=f"edit text guidance ({dflt(EditOptions, 'cfg_text_scale')})")
+    p.add_argument("--cfg-image-scale", type=float,
+                   help=f"edit image guidance ({dflt(EditOptions, 'cfg_image_scale')}: 0 runs 2 rows)")
+    p.add_argument("--cfg-rescale", type=float, help="CFG rescale phi (off by default; SGO uses 0.7)")
+    p.add_argument("--mode", choices=T2I_MODES, help="t2i: thinking mode first writes its reasoning, then the image "
+                   f"({dflt(T2IOptions, 'mode')})")
+    p.add_argument("--decode-mode", choices=sorted(DECODE_MODES),
+                   help="image decoder: turbo (8 steps) or normal (50 steps with CFG) "
+                   f"({dflt(ImageOptions, 'decode_mode')})")
     p.add_argument("--decode-steps", type=int, help="decoder steps (default: turbo 8, normal 50)")
-    p.add_argument("--sprint", action="store_true", help="SPRINT acceleration (understand, chat, t2i)")
-    p.add_argument("--keep-ratio", type=float, default=0.7, help="SPRINT prefix keep ratio (default 0.7)")
-    p.add_argument("--image-keep-ratio", type=float, help="SPRINT keep ratio for image tokens")
-    p.add_argument("--text-keep-ratio", type=float, help="SPRINT keep ratio for text tokens")
-    p.add_argument("--sprint-threshold", type=float, default=0.93, help="SPRINT batch acceptance (default 0.93)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and decoder noise")
+    p.add_argument("--sprint", dest="use_sprint", action="store_true",
+                   help="SPRINT acceleration (understand, chat, t2i)")
+    p.add_argument("--keep-ratio", type=float, help=f"SPRINT prefix keep ratio ({dflt(SprintConfig, 'keep_ratio')})")
+    p.add_argument("--image-keep-ratio", type=float, help="SPRINT keep ratio for image tokens (default: --keep-ratio)")
+    p.add_argument("--text-keep-ratio", type=float, help="SPRINT keep ratio for text tokens (default: --keep-ratio)")
+    p.add_argument("--sprint-threshold", type=float,
+                   help=f"SPRINT batch acceptance ({dflt(SprintConfig, 'threshold')})")
+    p.add_argument("--seed", type=int, help="seed of sampling and decoder noise (default 0)")
     p.add_argument("--out", help="output PNG (t2i, edit; default <task>.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")

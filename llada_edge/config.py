@@ -20,6 +20,7 @@ This module needs only the standard library: the runtime imports it without torc
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from llada_edge.errors import ConfigError
+
+# Block diffusion works on blocks of this many tokens (model-spec §2.3): the default of every sampler, the
+# block-causal prefill mask and the token axis of the exported graphs' profiles all read it from here.
+BLOCK_SIZE = 32
 
 # Values the Uni config.json omits; applied explicitly (model-spec §2.1, §3).
 UNI_IMPLIED_DEFAULTS: dict[str, Any] = {
@@ -133,7 +138,9 @@ class _Fields:
                               key=self._name(key))
         return value
 
-    def int_list(self, key: str, default: Any = ..., length: int | None = None) -> list[int]:
+    # The methods above shadow int/str/float in this class body: annotations below spell out ``builtins``.
+    def int_list(self, key: builtins.str, default: Any = ...,
+                 length: builtins.int | None = None) -> list[builtins.int]:
         value = self.raw(key, default)
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
@@ -145,7 +152,8 @@ class _Fields:
             raise ConfigError(f"expected {length} values, got {len(value)}", file=self.file, key=self._name(key))
         return list(value)
 
-    def float_list(self, key: str, default: Any = ..., length: int | None = None) -> list[float]:
+    def float_list(self, key: builtins.str, default: Any = ...,
+                   length: builtins.int | None = None) -> list[builtins.float]:
         value = self.raw(key, default)
         if (not isinstance(value, (list, tuple))
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
@@ -154,13 +162,13 @@ class _Fields:
             raise ConfigError(f"expected {length} values, got {len(value)}", file=self.file, key=self._name(key))
         return [float(v) for v in value]
 
-    def sub(self, key: str) -> _Fields:
+    def sub(self, key: builtins.str) -> _Fields:
         value = self.raw(key)
         if not isinstance(value, dict):
             raise ConfigError("expected a JSON object", file=self.file, key=self._name(key))
         return _Fields(value, self.file, prefix=f"{self._name(key)}.")
 
-    def fail(self, key: str, message: str) -> ConfigError:
+    def fail(self, key: builtins.str, message: builtins.str) -> ConfigError:
         return ConfigError(message, file=self.file, key=self._name(key))
 
 

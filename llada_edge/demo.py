@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from llada_edge.runtime import Pipeline
+from llada_edge.runtime import BackendOptions, Pipeline
+from llada_edge.runtime.pipeline import Progress
 
 
 @dataclass
@@ -24,13 +24,11 @@ STAGES = ("tokenizer", "thinking", "backbone", "sigvq", "dit", "vae", "total")
 
 
 def run_demo(model: str | Path, out_dir: str | Path, backend: str = "auto", size: int = 256,
-             progress: Any = None, precision: str = "fp32") -> list[DemoRow]:
-    from llada_edge.runtime.backend import resolve_backend
-
+             progress: Progress | None = None, precision: str = "fp32") -> tuple[str, list[DemoRow]]:
+    """Run the three requests; returns the backend that ran them and one row per request."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = {"precision": precision} if resolve_backend(backend, model) == "onnxruntime" else {}
-    pipe = Pipeline.load(model, backend=backend, progress=progress, **options)
+    pipe = Pipeline.load(model, backend=backend, progress=progress, options=BackendOptions(precision=precision))
     rows = []
     t2i = pipe.generate_image("a lighthouse on a cliff at dusk", size, size)
     rows.append(DemoRow("t2i", str(t2i.save(out_dir / "t2i.png")), t2i.forward_passes, t2i.timings))
@@ -38,7 +36,7 @@ def run_demo(model: str | Path, out_dir: str | Path, backend: str = "auto", size
     rows.append(DemoRow("understand", repr(text.text[:40]), text.forward_passes, text.timings))
     edit = pipe.edit(t2i.image, "make it night", source_size=size)
     rows.append(DemoRow("edit", str(edit.save(out_dir / "edit.png")), edit.forward_passes, edit.timings))
-    return rows
+    return pipe.backend.name, rows
 
 
 def format_table(rows: list[DemoRow], backend: str) -> str:

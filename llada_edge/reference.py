@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from llada_edge.calibration.requests import procedural_image
 from llada_edge.errors import InputError
 
 
@@ -23,16 +22,6 @@ class StageResult:
     name: str
     seconds: float
     output: str
-
-
-def procedural_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A deterministic RGB test card (gradients + a disc), uint8 [H, W, 3]."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    cy, cx, r = height * rng.uniform(0.3, 0.7), width * rng.uniform(0.3, 0.7), min(height, width) / 4
-    disc = ((y - cy) ** 2 + (x - cx) ** 2 < r * r).astype(np.float32)
-    img = np.stack([x / width, y / height, disc], axis=-1) * 255.0
-    return img.clip(0, 255).astype(np.uint8)
 
 
 def run_reference(model_dir: str | Path, height: int = 256, width: int = 256, seed: int = 0,

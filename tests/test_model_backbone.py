@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from llada_edge.config import BLOCK_SIZE
 from llada_edge.model import load_backbone
 from llada_edge.model.backbone import (
-    BLOCK_SIZE,
     Attention,
     apply_partial_rope,
     mask_to_bias,

@@ -49,12 +49,21 @@ class Recipe:
         name = self.name + "".join(f"+{k}={v}" for k, v in sorted(kinds.items()))
         return replace(self, name=name, **kinds)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str | int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def is_float(self) -> bool:
         return all(getattr(self, k) == "fp32" for k in KINDS)
+
+    def format_of(self, kind: str) -> str:
+        """The format of one kind of weight; "keep" (weights no recipe touches) is fp32."""
+        return "fp32" if kind == "keep" else str(getattr(self, kind))
+
+    def graph_format(self, kinds: tuple[str, ...]) -> str:
+        """The single Q/DQ mode of a graph whose weights are ``kinds`` (a component's ``graph_kinds``): the
+        first kind the recipe does not leave in fp32, else fp32."""
+        return next((fmt for fmt in map(self.format_of, kinds) if fmt != "fp32"), "fp32")
 
 
 RECIPES: dict[str, Recipe] = {

@@ -22,17 +22,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from llada_edge.reference import procedural_image
+from llada_edge.buildfolder import Manifest, atomic_write_bytes
+from llada_edge.calibration.requests import RequestSet, load_request_set, procedural_image
 from llada_edge.runtime import Pipeline
 from llada_edge.runtime import prompts as prompt_lib
 from llada_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from llada_edge.runtime.images import smart_resize, to_pixels
+from llada_edge.runtime.text import TextTokenizer
 
-CALIBRATION_SET = Path(__file__).resolve().parent.parent / "calibration" / "calibration_set.json"
 MASK_RATIOS = (0.25, 0.5, 0.9)
 
 # metric -> bound ("min" for agreements/cosines/PSNR, "max" for errors). Measured on the tiny preset
@@ -65,30 +67,32 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
 
 
-def _masked_sequences(pipe: Pipeline, evaluation: dict, rng: np.random.Generator) -> list[tuple[str, np.ndarray, int]]:
+def _masked_sequences(pipe: Pipeline, evaluation: RequestSet, rng: np.random.Generator
+                      ) -> list[tuple[str, np.ndarray, int]]:
     """(head, ids, first generated index) for held-out t2i prompts and understanding questions."""
     tok, cfg = pipe.tokenizer, pipe.config
     b = cfg.backbone
     out = []
-    for prompt in evaluation["t2i"]:
+    for prompt in evaluation.t2i:
         prefix = prompt_lib.t2i_prompt(tok, prompt, 8, 8)
         body = rng.integers(0, b.num_image_tokens, 64) + b.image_token_offset
         out.append(("image", np.asarray(prefix + body.tolist()), len(prefix)))
-    img = Image.fromarray(procedural_image(128, 128, evaluation["image_seeds"][0]))
+    img = Image.fromarray(procedural_image(128, 128, evaluation.image_seeds[0]))
     pixels = to_pixels(smart_resize(img), cfg.preprocessor.image_mean, cfg.preprocessor.image_std)
     ids = pipe.backend.tokenize_image(pixels)
     gh, gw = pixels.shape[2] // 16, pixels.shape[3] // 16
-    for question in evaluation["understand"]:
+    for question in evaluation.understand:
         prefix = prompt_lib.understanding_prompt(tok, ids.tolist(), gh, gw, question, b.image_token_offset)
         answer = rng.integers(0, 5000, 64)
         out.append(("text", np.asarray(prefix + answer.tolist()), len(prefix)))
     return out
 
 
-def _teacher_forced(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[str, float]:
+def _teacher_forced(ref: Pipeline, quant: Pipeline, evaluation: RequestSet) -> dict[str, float]:
     rng = np.random.default_rng(0)
     mask = ref.config.backbone.mask_token_id
-    cosines, agree = [], []
+    cosines: list[float] = []
+    agree: list[bool] = []
     for head, seq, start in _masked_sequences(ref, evaluation, rng):
         for ratio in MASK_RATIOS:
             ids = seq.copy()
@@ -107,21 +111,21 @@ def _teacher_forced(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[st
             "masked_positions": len(agree)}
 
 
-def _generation(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[str, float]:
-    img = Image.fromarray(procedural_image(128, 128, evaluation["image_seeds"][1]))
-    a, b = (p.understand(img, evaluation["understand"][0], max_new_tokens=32, steps=8) for p in (ref, quant))
+def _generation(ref: Pipeline, quant: Pipeline, evaluation: RequestSet) -> dict[str, float]:
+    img = Image.fromarray(procedural_image(128, 128, evaluation.image_seeds[1]))
+    a, b = (p.understand(img, evaluation.understand[0], max_new_tokens=32, steps=8) for p in (ref, quant))
     n = max(len(a.tokens), len(b.tokens), 1)
     understand = sum(x == y for x, y in zip(a.tokens, b.tokens, strict=False)) / n
-    ta, tb = (p.generate_image(evaluation["t2i"][0], 128, 128, steps=4) for p in (ref, quant))
+    ta, tb = (p.generate_image(evaluation.t2i[0], 128, 128, steps=4) for p in (ref, quant))
     t2i = float(np.mean(np.asarray(ta.vq_tokens) == np.asarray(tb.vq_tokens)))
     return {"generated_agreement_understand": float(understand), "generated_agreement_t2i": t2i,
             "t2i_psnr_db": _psnr(np.asarray(ta.image), np.asarray(tb.image))}
 
 
-def _image_side(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[str, float]:
+def _image_side(ref: Pipeline, quant: Pipeline, evaluation: RequestSet) -> dict[str, float]:
     cfg = ref.config
     agree = []
-    for seed in evaluation["image_seeds"]:
+    for seed in evaluation.image_seeds:
         img = smart_resize(Image.fromarray(procedural_image(160, 224, seed)))
         pixels = to_pixels(img, cfg.preprocessor.image_mean, cfg.preprocessor.image_std)
         agree.append(float(np.mean(ref.backend.tokenize_image(pixels) == quant.backend.tokenize_image(pixels))))
@@ -141,7 +145,7 @@ def _image_side(ref: Pipeline, quant: Pipeline, evaluation: dict) -> dict[str, f
             "decode_psnr_db": _psnr(np.asarray(da.image), np.asarray(db.image))}
 
 
-def check_thresholds(precision: str, metrics: dict[str, float]) -> dict[str, dict]:
+def check_thresholds(precision: str, metrics: dict[str, float]) -> dict[str, dict[str, Any]]:
     checks = {}
     for metric, (kind, bound) in THRESHOLDS.get(precision.split("+")[0], {}).items():
         value = metrics[metric]
@@ -150,11 +154,11 @@ def check_thresholds(precision: str, metrics: dict[str, float]) -> dict[str, dic
     return checks
 
 
-def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = print) -> dict:
+def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = print) -> dict[str, Any]:
     """Measure a precision against fp32 on the held-out set; write reports/accuracy-<precision>.{json,md}."""
     build_dir = Path(build_dir)
-    evaluation = json.loads(CALIBRATION_SET.read_text())["evaluation"]
-    tokenizer = _tokenizer(build_dir)
+    evaluation = load_request_set("evaluation")
+    tokenizer = TextTokenizer.from_file(build_dir / "model" / "tokenizer.json")
     ref = Pipeline(OnnxRuntimeBackend(build_dir, "fp32", verify=False), tokenizer)
     quant = Pipeline(OnnxRuntimeBackend(build_dir, precision, verify=False), tokenizer)
     progress(f"accuracy ({precision}): teacher-forced logits ...")
@@ -167,8 +171,6 @@ def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = 
     report = {"precision": precision, "reference": "fp32 graphs of the same build", "metrics": metrics,
               "thresholds": checks, "passed": all(c["passed"] for c in checks.values())}
     _write(build_dir / "reports", precision, report)
-    from llada_edge.engines.manifest import Manifest
-
     manifest = Manifest.load(build_dir)
     manifest.reports[f"accuracy-{precision}"] = {"path": f"reports/accuracy-{precision}.json",
                                                  "passed": report["passed"], **metrics}
@@ -178,15 +180,7 @@ def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = 
     return report
 
 
-def _tokenizer(build_dir: Path):
-    from llada_edge.runtime.text import TextTokenizer
-
-    return TextTokenizer.from_file(build_dir / "model" / "tokenizer.json")
-
-
-def _write(reports: Path, precision: str, report: dict) -> None:
-    from llada_edge.engines.manifest import atomic_write_bytes
-
+def _write(reports: Path, precision: str, report: dict[str, Any]) -> None:
     atomic_write_bytes(reports / f"accuracy-{precision}.json", (json.dumps(report, indent=2) + "\n").encode())
     lines = [f"# Accuracy: {precision} vs fp32 (held-out requests)", "", "| metric | value | bound | result |",
              "|---|---|---|---|"]

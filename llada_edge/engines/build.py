@@ -1,46 +1,40 @@
 """``llada-edge build``: engines for a target and precision from an exported build folder.
 
 * ``onnxruntime``: ``BUILD/engines/onnxruntime/<precision>/<component>/model.onnx``, rewritten by
-  :mod:`llada_edge.engines.onnxruntime_builder`; components a recipe leaves in fp32 (embed, VAE) are
-  read from ``BUILD/onnx``. Then the accuracy report (``BUILD/reports/accuracy-<precision>.{json,md}``).
-* ``tensorrt``: :mod:`llada_edge.engines.tensorrt_builder` (needs TensorRT and a GPU).
+  :mod:`llada_edge.engines.onnxruntime_builder`; components a recipe never rewrites (embed, VAE) are read
+  from ``BUILD/onnx``. Then the accuracy report (``BUILD/reports/accuracy-<precision>.{json,md}``).
+* ``tensorrt``: :mod:`llada_edge.engines.tensorrt_builder` (needs TensorRT and a GPU), from the graphs of
+  :func:`ensure_qdq_graphs` (ModelOpt Q/DQ where the recipe quantizes, else the fp32 export).
 
-Steps are keyed like the export: a component whose source graph, recipe and builder are unchanged is
-skipped; each is written to a temporary folder and renamed into place.
+Every step goes through :func:`~llada_edge.buildfolder.build_step`: keyed by its source graph, recipe and
+builder, skipped when up to date, written to a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from llada_edge.calibration.recipes import Recipe, get_recipe
-from llada_edge.engines.manifest import (
+from llada_edge.buildfolder import (
+    CALIBRATION,
+    Artifact,
     ComponentEntry,
-    FileEntry,
     Manifest,
-    atomic_dir,
+    StepOutput,
+    build_step,
     fingerprint,
-    record_component,
+    is_up_to_date,
     versions_of,
 )
+from llada_edge.calibration.recipes import Recipe, get_recipe
+from llada_edge.components import Component, Registry
 from llada_edge.errors import InputError
 
 BUILDER_VERSION = 1
 TARGETS = ("onnxruntime", "tensorrt")
-# Components whose graphs hold no weights a recipe rewrites (a Gather table, convolutions).
-UNQUANTIZED = ("embed", "vae_decoder")
 
 Progress = Callable[[str], None]
-
-
-def engine_name(target: str, precision: str, component: str) -> str:
-    return f"{target}/{precision}/{component}"
-
-
-def onnx_components(manifest: Manifest) -> list[str]:
-    return [name for name, entry in manifest.components.items() if entry.kind == "onnx"]
 
 
 def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision: str = "int4",
@@ -52,9 +46,11 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r} (expected one of {list(TARGETS)})")
     if target == "tensorrt":
-        from llada_edge.engines.tensorrt_builder import build_tensorrt_engines
+        from llada_edge.engines.tensorrt_builder import build_tensorrt_engines, gpu_sm, import_tensorrt
 
-        return build_tensorrt_engines(build_dir, manifest, recipe, progress)
+        trt, sm = import_tensorrt(), gpu_sm()  # before any CPU work: without TensorRT or a GPU, stop at once
+        sources = ensure_qdq_graphs(build_dir, manifest, recipe, progress)
+        return build_tensorrt_engines(build_dir, manifest, recipe, sources, trt, sm, progress)
     if recipe.is_float:
         progress("build: fp32 on onnxruntime runs the exported graphs as they are")
     else:
@@ -69,26 +65,32 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
 def _build_onnxruntime(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress) -> None:
     from llada_edge.engines.onnxruntime_builder import build_component
 
-    names = [n for n in onnx_components(manifest) if n not in UNQUANTIZED]
-    for i, name in enumerate(names, start=1):
-        source = manifest.components[name]
-        key = fingerprint([BUILDER_VERSION, recipe.to_dict(), source.key, versions_of(["onnxruntime"])])
-        entry_name = engine_name("onnxruntime", recipe.name, name)
-        entry = manifest.components.get(entry_name)
-        target_dir = build_dir / "engines" / entry_name
-        if entry is not None and entry.key == key and all(
-                (build_dir / f.path).is_file() and (build_dir / f.path).stat().st_size == f.size for f in entry.files):
-            progress(f"build [{i}/{len(names)}] {name} ({recipe.name}): up to date")
-            continue
-        start = time.perf_counter()
-        with atomic_dir(target_dir) as tmp:
-            census = build_component(build_dir / "onnx" / name / "model.onnx", tmp, name, recipe)
-        files = [FileEntry.of(build_dir, p) for p in sorted(target_dir.iterdir())]
-        meta = {"target": "onnxruntime", "recipe": recipe.to_dict(), "census": census, "source": name,
-                "seconds": round(time.perf_counter() - start, 2)}
-        record_component(build_dir, manifest, ComponentEntry(entry_name, "ort-engine", files, key, source.inputs,
-                                                             source.outputs, meta, None))
-        progress(f"build [{i}/{len(names)}] {name} ({recipe.name}): {meta['seconds']:.1f} s, {census}")
+    components = [c for c in Registry.of_build(build_dir).exported(manifest) if c.quantized]
+    for i, component in enumerate(components, start=1):
+        key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
+                           versions_of(["onnxruntime"])])
+
+        def rewrite(src: Path, tmp: Path, component: Component = component) -> dict[str, Any]:
+            census = build_component(src, tmp, component, recipe)
+            return {"target": "onnxruntime", "recipe": recipe.to_dict(), "census": census, "source": component.name}
+
+        entry, built = _derived_step(build_dir, manifest, Artifact.ort_engine(recipe.name, component.name), component,
+                                     key, rewrite)
+        where = f"build [{i}/{len(components)}] {component.name} ({recipe.name})"
+        progress(f"{where}: {entry.meta['seconds']:.1f} s, {entry.meta['census']}" if built else f"{where}: up to date")
+
+
+def _derived_step(build_dir: Path, manifest: Manifest, artifact: Artifact, component: Component, key: str,
+                  derive: Callable[[Path, Path], dict[str, Any]]) -> tuple[ComponentEntry, bool]:
+    """A build step that rewrites a component's exported graph (same I/O contract and profile):
+    ``derive(source model.onnx, temporary folder)`` writes the new graph and returns its metadata."""
+    exported = manifest.components[component.name]
+
+    def produce(tmp: Path) -> StepOutput:
+        meta = derive(build_dir / Artifact.onnx(component.name).folder / "model.onnx", tmp)
+        return StepOutput({**meta, "profile": exported.meta.get("profile", {})}, exported.inputs, exported.outputs)
+
+    return build_step(build_dir, manifest, artifact, key, produce)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,59 +98,46 @@ def _build_onnxruntime(build_dir: Path, manifest: Manifest, recipe: Recipe, prog
 # ----------------------------------------------------------------------------------------------
 
 
-def ensure_calibration(build_dir: Path, manifest: Manifest, progress: Progress) -> Path:
-    """``BUILD/calibration`` from the build's checkpoint (torch reference), unless already there."""
-    calib = build_dir / "calibration"
-    if (calib / "expert_coverage.json").is_file():
-        return calib
-    checkpoint = manifest.checkpoint.get("path")
-    if not checkpoint or not Path(checkpoint).is_dir():
-        raise InputError(f"{build_dir}: no calibration data and the checkpoint {checkpoint!r} is not available; "
-                         "run `llada-edge calibrate --checkpoint DIR --build BUILD`")
-    from llada_edge.calibration.capture import calibrate
+def ensure_calibration(build_dir: Path, manifest: Manifest, progress: Progress) -> str:
+    """The build's calibration data (as `llada-edge calibrate` captured it, whatever its options), else a capture
+    with the default options from the build's checkpoint (torch reference); returns the step's key."""
+    entry = manifest.components.get(CALIBRATION.entry)
+    if entry is not None and is_up_to_date(build_dir, entry, entry.key):
+        return entry.key
+    from llada_edge.calibration.capture import calibrate_build
 
-    with atomic_dir(calib) as tmp:
-        counts = calibrate(checkpoint, tmp, progress=progress)
-    progress(f"calibrate: {counts}")
-    return calib
+    return calibrate_build(build_dir, manifest, progress=progress).key
 
 
 def ensure_qdq_graphs(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress) -> dict[str, Path]:
-    """The graph each TensorRT engine is built from: ModelOpt Q/DQ where the recipe quantizes, else fp32."""
-    from llada_edge.engines.qdq import component_format, quantize_component
+    """The graph folder each TensorRT engine is built from: ModelOpt Q/DQ where the recipe quantizes, else fp32."""
+    from llada_edge.engines.qdq import quantize_component
     from llada_edge.export.allowlist import check_tensorrt_compatible
 
-    names = onnx_components(manifest)
-    ort_layers = [n for n in names if manifest.components[n].meta.get("moe") == "ort"]
+    components = Registry.of_build(build_dir).exported(manifest)
+    ort_layers = [c.name for c in components if manifest.components[c.name].meta.get("moe") == "ort"]
     if ort_layers:
         raise InputError(f"{build_dir}: {ort_layers[0]} uses the com.microsoft MoE lowering, which TensorRT cannot "
                          "parse; export with --moe dense for the tensorrt target")
     sources: dict[str, Path] = {}
-    calib = None
-    for i, name in enumerate(names, start=1):
-        fmt = component_format(name, recipe)
+    calibration_key: str | None = None
+    for i, component in enumerate(components, start=1):
+        fmt = recipe.graph_format(component.graph_kinds)
         if fmt == "fp32":
-            sources[name] = build_dir / "onnx" / name
+            sources[component.name] = build_dir / Artifact.onnx(component.name).folder
             continue
-        calib = calib or ensure_calibration(build_dir, manifest, progress)
-        entry_name = f"qdq/{recipe.name}/{name}"
-        key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[name].key,
-                           versions_of(["nvidia-modelopt"]), (calib / "expert_coverage.json").stat().st_mtime_ns])
-        target = build_dir / "quant" / recipe.name / name
-        sources[name] = target
-        old = manifest.components.get(entry_name)
-        if old is not None and old.key == key and all((build_dir / f.path).is_file() for f in old.files):
-            progress(f"quantize [{i}/{len(names)}] {name} ({fmt}): up to date")
-            continue
-        start = time.perf_counter()
-        with atomic_dir(target) as tmp:
-            meta = quantize_component(build_dir / "onnx" / name / "model.onnx", tmp, name, recipe, calib)
-        meta["tensorrt_allowlist_violations"] = [str(v) for v in check_tensorrt_compatible(target / "model.onnx")]
-        meta["seconds"] = round(time.perf_counter() - start, 2)
-        files = [FileEntry.of(build_dir, p) for p in sorted(target.iterdir())]
-        source = manifest.components[name]
-        record_component(build_dir, manifest, ComponentEntry(entry_name, "qdq", files, key, source.inputs,
-                                                             source.outputs, {**meta, "profile": source.meta.get(
-                                                                 "profile", {})}, None))
-        progress(f"quantize [{i}/{len(names)}] {name} ({fmt}): {meta['seconds']:.1f} s")
+        calibration_key = calibration_key or ensure_calibration(build_dir, manifest, progress)
+        artifact = Artifact.qdq_graph(recipe.name, component.name)
+        key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
+                           versions_of(["nvidia-modelopt"]), calibration_key])
+
+        def quantize(src: Path, tmp: Path, component: Component = component) -> dict[str, Any]:
+            meta = quantize_component(src, tmp, component, recipe, build_dir / "calibration")
+            meta["tensorrt_allowlist_violations"] = [str(v) for v in check_tensorrt_compatible(tmp / "model.onnx")]
+            return meta
+
+        entry, built = _derived_step(build_dir, manifest, artifact, component, key, quantize)
+        sources[component.name] = build_dir / artifact.folder
+        where = f"quantize [{i}/{len(components)}] {component.name} ({fmt})"
+        progress(f"{where}: {entry.meta['seconds']:.1f} s" if built else f"{where}: up to date")
     return sources

@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llada_edge.calibration.recipes import Recipe, int4_block_size
+from llada_edge.components import Component
 from llada_edge.errors import LladaEdgeError
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
@@ -45,15 +46,6 @@ def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             out.setdefault(name, []).append(node)
     return out
-
-
-def _replace_initializer(model: onnx.ModelProto, name: str, array: np.ndarray | TensorProto) -> None:
-    inits = model.graph.initializer
-    for i, t in enumerate(inits):
-        if t.name == name:
-            del inits[i]
-            break
-    inits.append(array if isinstance(array, TensorProto) else numpy_helper.from_array(array, name))
 
 
 def _remove_unused_initializers(model: onnx.ModelProto) -> None:
@@ -106,20 +98,12 @@ def constant_matmuls(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]
 # ----------------------------------------------------------------------------------------------
 
 
-def matmul_kind(component: str, model: onnx.ModelProto, node: onnx.NodeProto, weight: str) -> str:
-    """Map a constant matmul of a component to a recipe kind (or "keep" for weights never quantized)."""
-    if component.startswith("layer_"):
-        if "mlp.gate.weight" in weight:
-            return "router"
-        return "experts" if ".mlp.experts." in weight else "dense"  # per-expert matmuls of the dense lowering
-    if component.startswith("head_"):
-        return "lm_head"
-    if component.startswith("dit_") or component == "sigvq":
-        return "dit"
-    if component == "vision_tokenizer":
-        feeds_argmax = any(c.op_type == "ArgMax" for c in _consumers(model).get(node.output[0], []))
-        return "keep" if feeds_argmax else "vision"  # the VQ codebook search stays exact
-    return "keep"
+def classify_matmuls(model: onnx.ModelProto, component: Component) -> list[tuple[onnx.NodeProto, str, str]]:
+    """Every constant matmul of a component's graph with its recipe kind ("keep": never quantized)."""
+    consumers = _consumers(model)
+    return [(node, weight, component.weight_kind(weight, any(c.op_type == "ArgMax"
+                                                             for c in consumers.get(node.output[0], []))))
+            for node, weight in constant_matmuls(model)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +205,12 @@ def _fp8_storage(model: onnx.ModelProto, node: onnx.NodeProto, slot: int, weight
         model.graph.node.insert(position + offset, new)
 
 
-def quantize_matmuls(model: onnx.ModelProto, component: str, recipe: Recipe) -> Counter:
+def quantize_matmuls(model: onnx.ModelProto, component: Component, recipe: Recipe) -> Counter[str]:
     """Rewrite constant matmuls by kind: int4/int8 -> MatMulNBits, fp8 -> fp8 storage + DQ."""
-    done: Counter = Counter()
+    done: Counter[str] = Counter()
     by_format: dict[str, list[tuple[onnx.NodeProto, str]]] = {}
-    for node, weight in constant_matmuls(model):
-        kind = matmul_kind(component, model, node, weight)
-        fmt = "fp32" if kind == "keep" else getattr(recipe, kind)
-        by_format.setdefault(fmt, []).append((node, weight))
+    for node, weight, kind in classify_matmuls(model, component):
+        by_format.setdefault(recipe.format_of(kind), []).append((node, weight))
     inits = _inits(model)
     for node, weight in by_format.get("fp8", []):
         _fp8_storage(model, node, 1, numpy_helper.to_array(inits[weight]).astype(np.float32))
@@ -277,11 +259,11 @@ def precision_census(model: onnx.ModelProto) -> dict[str, int]:
             "fp32_const_matmuls": len(constant_matmuls(model))}
 
 
-def build_component(src: Path, dst: Path, component: str, recipe: Recipe) -> dict[str, int]:
+def build_component(src: Path, dst: Path, component: Component, recipe: Recipe) -> dict[str, int]:
     """Rewrite one fp32 graph for ``recipe``; writes ``dst/model.onnx`` (+ external data)."""
     model = onnx.load(str(src))
     gemm_to_matmul(model)
-    if component.startswith("layer_") and recipe.experts != "fp32":
+    if recipe.experts != "fp32":  # the com.microsoft.MoE node of an `ort`-lowered MoE layer, if any
         quantize_moe(model, recipe.experts, recipe.int4_block)
     quantize_matmuls(model, component, recipe)
     if any(t.data_type == TensorProto.FLOAT8E4M3FN for t in model.graph.initializer):

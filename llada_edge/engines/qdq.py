@@ -23,27 +23,17 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from llada_edge.calibration.recipes import Recipe
-from llada_edge.engines.onnxruntime_builder import constant_matmuls, gemm_to_matmul, matmul_kind
+from llada_edge.components import Component
+from llada_edge.engines.onnxruntime_builder import classify_matmuls, gemm_to_matmul
 from llada_edge.errors import InputError
 
 INSTALL_HINT = "TensorRT recipes need NVIDIA ModelOpt: pip install 'llada-edge[quant]' (nvidia-modelopt 0.47)"
-
-
-def component_format(component: str, recipe: Recipe) -> str:
-    if component.startswith("layer_"):  # one mode per graph: the experts' (94% of a MoE layer's weights)
-        return recipe.experts if recipe.experts != "fp32" else recipe.dense
-    if component.startswith("dit_") or component == "sigvq":
-        return recipe.dit
-    if component == "vision_tokenizer":
-        return recipe.vision
-    if component.startswith("head_"):
-        return recipe.lm_head
-    return "fp32"
 
 
 def calibration_samples(calib_dir: Path, component: str) -> list[dict[str, np.ndarray]]:
@@ -85,21 +75,20 @@ class _Reader:
         return iter(self._samples)
 
 
-def _excluded_nodes(model: onnx.ModelProto, component: str, recipe: Recipe) -> list[str]:
+def _excluded_nodes(model: onnx.ModelProto, component: Component, recipe: Recipe) -> list[str]:
     """Constant matmuls whose kind stays fp32 (router, lm_head, the codebook search)."""
-    return [node.name for node, weight in constant_matmuls(model)
-            if (kind := matmul_kind(component, model, node, weight)) == "keep" or getattr(recipe, kind) == "fp32"]
+    return [node.name for node, _weight, kind in classify_matmuls(model, component) if recipe.format_of(kind) == "fp32"]
 
 
-def quantize_component(src: Path, dst: Path, component: str, recipe: Recipe, calib_dir: Path) -> dict:
+def quantize_component(src: Path, dst: Path, component: Component, recipe: Recipe, calib_dir: Path) -> dict[str, Any]:
     """Write ``dst/model.onnx`` with ModelOpt Q/DQ for the component's format; returns metadata."""
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError:
         raise InputError(INSTALL_HINT) from None
-    fmt = component_format(component, recipe)
+    fmt = recipe.graph_format(component.graph_kinds)
     if fmt == "fp32":
-        raise InputError(f"{component} stays fp32 under recipe {recipe.name}; nothing to quantize")
+        raise InputError(f"{component.name} stays fp32 under recipe {recipe.name}; nothing to quantize")
     with tempfile.TemporaryDirectory() as tmp:
         model = onnx.load(str(src))
         gemm_to_matmul(model)  # Linear as MatMul [K, N]: ModelOpt blocks int4 along K correctly
@@ -107,7 +96,7 @@ def quantize_component(src: Path, dst: Path, component: str, recipe: Recipe, cal
         staged = Path(tmp) / "model.onnx"
         onnx.save(model, str(staged), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
         del model
-        reader = _Reader(calibration_samples(calib_dir, component))
+        reader = _Reader(calibration_samples(calib_dir, component.name))
         logging.getLogger("modelopt").setLevel(logging.WARNING)
         # int8/fp8: GEMMs only (weights + their input activations). ModelOpt would also quantize Adds,
         # including the attention-mask bias whose masked entries are float32 min -> NaN scales.

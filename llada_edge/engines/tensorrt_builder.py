@@ -10,12 +10,12 @@ machines, so this module has not run there; its tests skip with that reason.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from llada_edge.buildfolder import Artifact, ComponentEntry, Manifest, StepOutput, build_step, fingerprint
 from llada_edge.calibration.recipes import Recipe
-from llada_edge.engines.manifest import ComponentEntry, FileEntry, Manifest, atomic_dir, fingerprint, record_component
 from llada_edge.errors import InputError
 from llada_edge.export.allowlist import assert_tensorrt_compatible
 
@@ -26,7 +26,7 @@ WORKSPACE_BYTES = 8 << 30
 Progress = Callable[[str], None]
 
 
-def import_tensorrt():
+def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError:
@@ -94,32 +94,25 @@ def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, cache_path
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def build_tensorrt_engines(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress) -> Manifest:
-    trt = import_tensorrt()
-    sm = gpu_sm()
-    from llada_edge.engines.build import ensure_qdq_graphs
-
-    sources = ensure_qdq_graphs(build_dir, manifest, recipe, progress)  # component -> graph dir
+def build_tensorrt_engines(build_dir: Path, manifest: Manifest, recipe: Recipe, sources: dict[str, Path], trt: Any,
+                           sm: str, progress: Progress) -> Manifest:
+    """One plan per component from ``sources`` (component -> the folder of the graph to build from), with the
+    ``tensorrt`` module of :func:`import_tensorrt` for the GPU architecture ``sm`` (:func:`gpu_sm`)."""
     cache_path = build_dir / "engines" / "tensorrt" / f"timing.trt{trt.__version__}.{sm}.cache"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     for i, (name, source) in enumerate(sources.items(), start=1):
         onnx_path = source / "model.onnx"
         assert_tensorrt_compatible(onnx_path, name)
-        entry_name = f"tensorrt/{recipe.name}/{name}"
         exported = manifest.components[name]
         key = fingerprint([recipe.to_dict(), exported.key, trt.__version__, sm, str(source)])
-        if (old := manifest.components.get(entry_name)) is not None and old.key == key:
-            progress(f"tensorrt [{i}/{len(sources)}] {name}: up to date")
-            continue
-        start = time.perf_counter()
-        target = build_dir / "engines" / entry_name
-        with atomic_dir(target) as tmp:
+
+        def build(tmp: Path, name: str = name, onnx_path: Path = onnx_path, exported: ComponentEntry = exported
+                  ) -> StepOutput:
             build_engine(trt, onnx_path, tmp / engine_file_name(name, trt.__version__, sm), profile_shapes(exported),
                          cache_path)
-        files = [FileEntry.of(build_dir, p) for p in sorted(target.iterdir())]
-        meta = {"target": "tensorrt", "tensorrt": trt.__version__, "sm": sm, "recipe": recipe.to_dict(),
-                "seconds": round(time.perf_counter() - start, 1)}
-        record_component(build_dir, manifest, ComponentEntry(entry_name, "trt-engine", files, key, exported.inputs,
-                                                             exported.outputs, meta, None))
-        progress(f"tensorrt [{i}/{len(sources)}] {name}: {meta['seconds']} s")
+            meta = {"target": "tensorrt", "tensorrt": trt.__version__, "sm": sm, "recipe": recipe.to_dict()}
+            return StepOutput(meta, exported.inputs, exported.outputs)
+
+        entry, built = build_step(build_dir, manifest, Artifact.trt_engine(recipe.name, name), key, build)
+        progress(f"tensorrt [{i}/{len(sources)}] {name}: " + (f"{entry.meta['seconds']} s" if built else "up to date"))
     return manifest

@@ -25,43 +25,37 @@ import io
 import logging
 import multiprocessing
 import shutil
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from llada_edge.checkpoint import CheckpointFolder
-from llada_edge.engines.manifest import (
+from llada_edge.buildfolder import (
     MANIFEST_NAME,
+    MODEL_FILES,
+    Artifact,
     BuildError,
-    ComponentEntry,
-    FileEntry,
     Manifest,
-    atomic_dir,
+    StepOutput,
+    build_step,
     fingerprint,
-    record_component,
+    sha256_file,
     versions_of,
 )
+from llada_edge.checkpoint import CheckpointFolder
+from llada_edge.components import Component, ComponentSpec, Registry
 from llada_edge.errors import InputError, LladaEdgeError
-from llada_edge.export.components import (
-    MOE_LOWERINGS,
-    build_module,
-    component_bytes,
-    select_components,
-    source_fingerprint,
-)
-from llada_edge.export.components import validation_cases as cases_for
-from llada_edge.export.specs import ComponentSpec, all_specs
 from llada_edge.export.validate import reference_outputs, validate_component, write_reports
 
+MOE_LOWERINGS = ("dense", "ort")
 EXPORTER_VERSION = 1  # bump when a graph changes, so older exports are rebuilt
 ISOLATE_BYTES = 256 * 1024 * 1024  # components above this are exported in a fresh process
 DEFAULT_OPSET = 20
-MODEL_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "image_tokenizer/config.json",
+MODEL_FILES_COPIED = ["config.json", "tokenizer.json", "tokenizer_config.json", "image_tokenizer/config.json",
                "image_tokenizer/preprocessor_config.json", "decoder/config.json", "decoder-turbo/config.json",
                "vae/config.json"]
 LIBRARIES = ["llada-edge", "torch", "onnx", "onnxruntime", "onnxscript", "nvidia-modelopt", "tensorrt"]
@@ -124,14 +118,18 @@ def _check_dynamic(spec: ComponentSpec, path: Path) -> None:
             raise BuildError(f"exporter fixed dynamic axes {fixed} of input {name!r}", file=path)
 
 
-def _copy_model_files(ckpt: CheckpointFolder, out: Path) -> list[FileEntry]:
-    with atomic_dir(out / "model") as tmp:
-        for rel in MODEL_FILES:
-            src = ckpt.root / rel
-            if src.is_file():
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, tmp / rel)
-    return [FileEntry.of(out, p) for p in sorted((out / "model").rglob("*")) if p.is_file()]
+def _model_files_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest) -> None:
+    """BUILD/model: the configs and tokenizer the runtime needs, keyed by their content."""
+    sources = [rel for rel in MODEL_FILES_COPIED if (ckpt.root / rel).is_file()]
+
+    def copy(tmp: Path) -> StepOutput:
+        for rel in sources:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ckpt.root / rel, tmp / rel)
+        return StepOutput()
+
+    key = fingerprint([[rel, sha256_file(ckpt.root / rel)] for rel in sources])
+    build_step(out, manifest, MODEL_FILES, key, copy)
 
 
 def _open_manifest(out: Path, ckpt: CheckpointFolder) -> Manifest:
@@ -142,25 +140,19 @@ def _open_manifest(out: Path, ckpt: CheckpointFolder) -> Manifest:
     return Manifest(checkpoint={"path": str(ckpt.root)})
 
 
-def _up_to_date(out: Path, entry: ComponentEntry | None, key: str) -> bool:
-    if entry is None or entry.key != key:
-        return False
-    return all((out / f.path).is_file() and (out / f.path).stat().st_size == f.size for f in entry.files)
-
-
 def export_component(checkpoint: str, name: str, moe: str, opset: int, validate: bool, reports_dir: str,
-                     tmp_dir: str) -> dict | None:
+                     tmp_dir: str) -> dict[str, Any] | None:
     """Build, export and validate one component into ``tmp_dir``; returns its validation summary.
 
     Module-level (and picklable arguments only) so it can run in a spawned process.
     """
     ckpt = CheckpointFolder(checkpoint)
-    cfg = ckpt.config
-    spec = all_specs(cfg)[name]
+    component = Registry(ckpt.config)[name]
+    spec = component.spec
     path = Path(tmp_dir) / "model.onnx"
-    module = build_module(ckpt, name, moe)
-    export_onnx(module, spec, path, opset, cfg.backbone.vocab_size)
-    cases = cases_for(cfg, name) if validate else []
+    module = component.build_module(ckpt, moe)
+    export_onnx(module, spec, path, opset, ckpt.config.backbone.vocab_size)
+    cases = component.validation_cases(np.random.default_rng(0)) if validate else []
     references = reference_outputs(module, cases, list(spec.outputs))
     del module  # before ORT loads the same weights: one copy in memory at a time
     release_memory()
@@ -169,58 +161,63 @@ def export_component(checkpoint: str, name: str, moe: str, opset: int, validate:
     return validate_component(name, path, cases, references, list(spec.outputs), Path(reports_dir))
 
 
+def _export_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest, component: Component, moe: str,
+                 opset: int, validate: bool) -> tuple[dict[str, Any] | None, bool]:
+    """One component's export as a build step; returns (its validation summary, whether it ran now)."""
+    spec = component.spec
+    lowering = component.moe_lowering(moe)
+    key = fingerprint([EXPORTER_VERSION, component.name, lowering, opset, spec.io_dict(),
+                       component.source_fingerprint(ckpt)])
+    job = (str(ckpt.root), component.name, moe, opset, validate, str(out / "reports"))
+
+    def export(tmp: Path) -> StepOutput:
+        if component.weight_bytes(ckpt) > ISOLATE_BYTES:
+            # A fresh process per large component: the exporter keeps references to the weights it
+            # traced, so only process exit bounds the memory to one component at a time.
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                validation = pool.submit(export_component, *job, str(tmp)).result()
+        else:
+            validation = export_component(*job, str(tmp))
+        io = spec.io_dict()
+        return StepOutput({"opset": opset, "moe": lowering, "profile": io["profile"]}, io["inputs"], io["outputs"],
+                          validation)
+
+    entry, built = build_step(out, manifest, Artifact.onnx(component.name), key, export,
+                              reuse=lambda e: e.validation is not None or not validate)
+    return entry.validation, built
+
+
 def export_build(checkpoint: str | Path, out: str | Path, components: list[str] | None = None, moe: str = "dense",
                  opset: int = DEFAULT_OPSET, validate: bool = True, progress: Progress = print) -> Manifest:
     """Export (and validate) the selected components; returns the saved manifest."""
     if moe not in MOE_LOWERINGS:
         raise InputError(f"unknown MoE lowering {moe!r} (expected one of {list(MOE_LOWERINGS)})")
     ckpt = CheckpointFolder(checkpoint)
-    cfg = ckpt.config
     out = Path(out).absolute()
     manifest = _open_manifest(out, ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    names = select_components(cfg, components)
-    specs = all_specs(cfg)
-    model_files = _copy_model_files(ckpt, out)
-    record_component(out, manifest, ComponentEntry("model", "files", model_files, fingerprint(
-        [f.sha256 for f in model_files]), {}, {}, {}, None))
+    selected = Registry(ckpt.config).select(components)
+    _model_files_step(ckpt, out, manifest)
     failures = []
-    for i, name in enumerate(names, start=1):
-        spec = specs[name]
-        lowering = moe if name.startswith("layer_") and cfg.backbone.is_moe_layer(int(name[6:])) else None
-        key = fingerprint([EXPORTER_VERSION, name, lowering, opset, spec.io_dict(), source_fingerprint(ckpt, name)])
-        entry = manifest.components.get(name)
-        if _up_to_date(out, entry, key) and (entry.validation is not None or not validate):
-            progress(f"export [{i}/{len(names)}] {name}: up to date")
+    for i, component in enumerate(selected, start=1):
+        validation, built = _export_step(ckpt, out, manifest, component, moe, opset, validate)
+        where = f"export [{i}/{len(selected)}] {component.name}"
+        if not built:
+            progress(f"{where}: up to date")
             continue
-        start = time.perf_counter()
-        job = (str(ckpt.root), name, moe, opset, validate, str(out / "reports"))
-        with atomic_dir(out / "onnx" / name) as tmp:
-            if component_bytes(ckpt, name) > ISOLATE_BYTES:
-                # A fresh process per large component: the exporter keeps references to the weights it
-                # traced, so only process exit bounds the memory to one component at a time.
-                ctx = multiprocessing.get_context("spawn")
-                with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                    validation = pool.submit(export_component, *job, str(tmp)).result()
-            else:
-                validation = export_component(*job, str(tmp))
-        files = [FileEntry.of(out, p) for p in sorted((out / "onnx" / name).iterdir())]
-        meta = {"opset": opset, "moe": lowering, "seconds": round(time.perf_counter() - start, 2),
-                "profile": spec.io_dict()["profile"]}
-        record_component(out, manifest, ComponentEntry(name, "onnx", files, key, spec.io_dict()["inputs"],
-                                                       spec.io_dict()["outputs"], meta, validation))
         summary = "" if validation is None else (
             f", max rel err {validation['max_rel']:.1e}" + ("" if validation["passed"] else " FAILED"))
-        progress(f"export [{i}/{len(names)}] {name}: {meta['seconds']:.1f} s{summary}")
+        progress(f"{where}: {manifest.components[component.name].meta['seconds']:.1f} s{summary}")
         if validation is not None and not validation["passed"]:
-            failures.append(name)
+            failures.append(component.name)
     manifest.checkpoint = {"path": str(ckpt.root.resolve()), "fingerprint": fingerprint(
-        [e.key for n, e in sorted(manifest.components.items()) if n != "model"])}
+        [e.key for n, e in sorted(manifest.components.items()) if e.kind == "onnx"])}
     manifest.versions = versions_of(LIBRARIES)
     manifest.options = {"moe": moe, "opset": opset, "precision": "fp32"}
-    validation = {n: e.validation for n, e in manifest.components.items() if e.validation is not None}
-    if validation:
-        write_reports(out / "reports", validation)
+    validations = {n: e.validation for n, e in manifest.components.items() if e.validation is not None}
+    if validations:
+        write_reports(out / "reports", validations)
         manifest.reports["validation"] = "reports/validation.json"
     manifest.save(out)
     if failures:

@@ -16,16 +16,14 @@ The formats (read from polygraphy 0.53.6: ``polygraphy/json/serde.py``, ``polygr
   "runtime": null, "runner_name": ..., "polygraphy_class": "IterationResult"}`` and a ``LazyArray`` is
   ``{"values": array, "polygraphy_class": "LazyArray"}``.
 
-Polygraphy's own encoder is used when it is importable (it is a pure-Python package); otherwise the same
-JSON is written by the small encoder below, so exports do not depend on it. Every JSON file also gets an
-``.npz`` twin (keys ``"<iteration>/<tensor name>"``) for plain numpy users. Writes are atomic.
+Polygraphy's own encoder and loaders write and read them (a pure-Python package, pinned with the export
+dependencies). Every JSON file also gets an ``.npz`` twin (keys ``"<iteration>/<tensor name>"``) for
+plain numpy users. Writes are atomic.
 """
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from llada_edge.buildfolder import atomic_write_bytes
+
 Feed = dict[str, np.ndarray]
 
-_TYPE_MARKER = "polygraphy_class"  # polygraphy.constants.TYPE_MARKER
-_TAB = 4  # polygraphy.constants.TAB is four spaces; same layout either way
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -46,8 +44,7 @@ def save_inputs(path: str | os.PathLike[str], feeds: Sequence[Mapping[str, Any]]
     """Save one feed dict per iteration for ``polygraphy run --load-inputs``; returns the JSON path."""
     json_path = _json_path(path)
     clean = _clean_iterations(feeds, "feeds")
-    text = _polygraphy_to_json(clean) if _have_polygraphy() else _fallback_to_json(clean)
-    _atomic_write(json_path, text.encode("utf-8"))
+    atomic_write_bytes(json_path, _polygraphy_to_json(clean).encode("utf-8"))
     _save_npz(npz_path_for(json_path), clean)
     return json_path
 
@@ -60,11 +57,7 @@ def save_outputs(
     """Save one output dict per iteration as a Polygraphy ``RunResults`` (``--load-outputs``)."""
     json_path = _json_path(path)
     clean = _clean_iterations(outputs, "outputs")
-    if _have_polygraphy():
-        text = _polygraphy_run_results_json(clean, runner_name)
-    else:
-        text = _fallback_to_json(_run_results_dict(clean, runner_name))
-    _atomic_write(json_path, text.encode("utf-8"))
+    atomic_write_bytes(json_path, _polygraphy_run_results_json(clean, runner_name).encode("utf-8"))
     _save_npz(npz_path_for(json_path), clean)
     return json_path
 
@@ -74,7 +67,7 @@ def load_inputs(path: str | os.PathLike[str]) -> list[Feed]:
     src = Path(path)
     if src.suffix == ".npz":
         return _load_npz(src)
-    obj = _polygraphy_load_json(src) if _have_polygraphy() else _fallback_load_json(src)
+    obj = _polygraphy_load_json(src)
     items = obj if isinstance(obj, list) else [obj]  # polygraphy also accepts a single feed dict
     return [_plain_dict(item, src) for item in items]
 
@@ -84,10 +77,7 @@ def load_outputs(path: str | os.PathLike[str], runner_name: str | None = None) -
     src = Path(path)
     if src.suffix == ".npz":
         return _load_npz(src)
-    if _have_polygraphy():
-        runs = _polygraphy_load_runs(src)
-    else:
-        runs = _runs_from_dict(_fallback_load_json(src), src)
+    runs = _polygraphy_load_runs(src)
     if not runs:
         raise ValueError(f"{src}: holds no runner results")
     if runner_name is None:
@@ -150,19 +140,10 @@ def _plain_dict(obj: object, src: Path) -> Feed:
 # --------------------------------------------------------------------------------------- polygraphy
 
 
-def _have_polygraphy() -> bool:
-    """Import lazily: polygraphy is optional and only needed where its exact encoder is wanted."""
-    try:
-        import polygraphy.json  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _polygraphy_to_json(obj: object) -> str:
     from polygraphy.json import to_json
 
-    return to_json(obj)
+    return str(to_json(obj))
 
 
 def _polygraphy_run_results_json(outputs: list[Feed], runner_name: str) -> str:
@@ -170,7 +151,7 @@ def _polygraphy_run_results_json(outputs: list[Feed], runner_name: str) -> str:
 
     results = RunResults()
     results.add(outputs, runner_name=runner_name)
-    return results.to_json()
+    return str(results.to_json())
 
 
 def _polygraphy_load_json(src: Path) -> Any:
@@ -186,65 +167,6 @@ def _polygraphy_load_runs(src: Path) -> list[tuple[str, list[Feed]]]:
     return [(name, [dict(it.items()) for it in iterations]) for name, iterations in results.items()]
 
 
-# ------------------------------------------------------------------------- fallback (same JSON format)
-
-
-def _encode_array(arr: np.ndarray) -> dict[str, str]:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return {"array": base64.b64encode(buf.getvalue()).decode("ascii"), _TYPE_MARKER: "ndarray"}
-
-
-def _fallback_default(obj: object) -> object:
-    if isinstance(obj, np.ndarray):
-        return _encode_array(obj)
-    raise TypeError(f"cannot encode a {type(obj).__name__}")
-
-
-def _fallback_to_json(obj: object) -> str:
-    return json.dumps(obj, indent=_TAB, default=_fallback_default)
-
-
-def _run_results_dict(outputs: list[Feed], runner_name: str) -> dict[str, Any]:
-    iterations = [
-        {
-            "outputs": {name: {"values": arr, _TYPE_MARKER: "LazyArray"} for name, arr in it.items()},
-            "runtime": None,
-            "runner_name": runner_name,
-            _TYPE_MARKER: "IterationResult",
-        }
-        for it in outputs
-    ]
-    return {"lst": [[runner_name, iterations]], _TYPE_MARKER: "RunResults"}
-
-
-def _decode_pairs(pairs: list[tuple[str, Any]]) -> Any:
-    """Undo the type markers this module writes (arrays, lazy arrays, results) without polygraphy."""
-    dct = dict(pairs)
-    kind = dct.pop(_TYPE_MARKER, None)
-    if kind == "ndarray":
-        return np.load(io.BytesIO(base64.b64decode(dct["array"], validate=True)), allow_pickle=False)
-    if kind in ("LazyArray", "LazyNumpyArray"):
-        return dct["values"]
-    if kind == "IterationResult":
-        return dict(dct["outputs"])
-    if kind == "RunResults":
-        return [(name, its) for name, its in dct["lst"]]
-    if kind is not None:
-        raise ValueError(f"cannot decode a Polygraphy {kind!r} without polygraphy installed")
-    return dct
-
-
-def _fallback_load_json(src: Path) -> Any:
-    return json.loads(src.read_text(encoding="utf-8"), object_pairs_hook=_decode_pairs)
-
-
-def _runs_from_dict(obj: object, src: Path) -> list[tuple[str, list[Feed]]]:
-    if not isinstance(obj, list) or not all(isinstance(run, tuple) for run in obj):
-        raise ValueError(f"{src}: not a Polygraphy RunResults file")
-    return [(name, [_plain_dict(it, src) for it in iterations]) for name, iterations in obj]
-
-
 # ----------------------------------------------------------------------------------------------- npz
 
 
@@ -252,7 +174,7 @@ def _save_npz(path: Path, iterations: list[Feed]) -> None:
     arrays = {f"{i}/{name}": arr for i, it in enumerate(iterations) for name, arr in it.items()}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_npz(src: Path) -> list[Feed]:
@@ -262,10 +184,3 @@ def _load_npz(src: Path) -> list[Feed]:
             index, _, name = key.partition("/")
             iterations.setdefault(int(index), {})[name] = data[key]
     return [iterations[i] for i in sorted(iterations)]
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """An interrupted export never leaves a truncated reference file."""
-    from llada_edge.engines.manifest import atomic_write_bytes
-
-    atomic_write_bytes(path, payload)

@@ -18,11 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llada_edge.config import BackboneConfig
+from llada_edge.config import BLOCK_SIZE, BackboneConfig
 from llada_edge.model.common import RMSNorm
-
-BLOCK_SIZE = 32  # block diffusion block length (model-spec §2.3)
-
 
 # ----------------------------------------------------------------------------------------------
 # Partial rotate-half RoPE
@@ -159,6 +156,8 @@ def guided_greedy(logits: torch.Tensor, row_weights: torch.Tensor) -> tuple[torc
 
 
 class Gate(nn.Module):
+    expert_bias: torch.Tensor  # registered as a buffer in __init__
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
@@ -221,15 +220,21 @@ class MoE(nn.Module):
         self.ort_fc1: torch.Tensor | None = None  # [E, 2F, D], rows gate_0, up_0, gate_1, up_1, ...
         self.ort_fc2: torch.Tensor | None = None  # [E, D, F]
 
+    def _expert(self, e: int) -> GatedMLP:
+        expert = self.experts[e]
+        if not isinstance(expert, GatedMLP):  # an nn.Identity left by pack_for_ort
+            raise RuntimeError("the expert weights are already packed (pack_for_ort() ran before)")
+        return expert
+
     def pack_for_ort(self) -> None:
         """Stack the expert weights into the ORT MoE layout, freeing each expert as it is copied."""
-        first = self.experts[0]
+        first = self._expert(0)
         f, d = first.gate_proj.weight.shape
         w = first.gate_proj.weight
         self.ort_fc1 = torch.empty(self.num_experts, 2 * f, d, dtype=w.dtype, device=w.device)
         self.ort_fc2 = torch.empty(self.num_experts, d, f, dtype=w.dtype, device=w.device)
         for e in range(self.num_experts):
-            expert = self.experts[e]
+            expert = self._expert(e)
             self.ort_fc1[e, 0::2] = expert.gate_proj.weight
             self.ort_fc1[e, 1::2] = expert.up_proj.weight
             self.ort_fc2[e] = expert.down_proj.weight

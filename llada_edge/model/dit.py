@@ -109,7 +109,9 @@ class _TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float().unsqueeze(-1) * freqs
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        first = self.mlp[0]
+        assert isinstance(first, nn.Linear)  # built so in __init__
+        return self.mlp(emb.to(first.weight.dtype))
 
 
 class _FinalLayer(nn.Module):

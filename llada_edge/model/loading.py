@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -23,14 +24,15 @@ from llada_edge.model.vae import VaeDecoder
 from llada_edge.model.vision import SigLipVQTokenizer
 
 Source = CheckpointFolder | str | Path
+M = TypeVar("M", bound=nn.Module)
 
 
 def _folder(source: Source) -> CheckpointFolder:
     return source if isinstance(source, CheckpointFolder) else CheckpointFolder(source)
 
 
-def fill_module(module: nn.Module, read: Callable[[str], torch.Tensor], dtype: torch.dtype,
-                prefix: str = "", defaults: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def fill_module(module: M, read: Callable[[str], torch.Tensor], dtype: torch.dtype,
+                prefix: str = "", defaults: dict[str, torch.Tensor] | None = None) -> M:
     """Assign every state-dict entry of a (meta) module from ``read(prefix + name)``, cast to dtype.
 
     ``defaults`` supplies entries the checkpoint may lack (e.g. a router bias the config disables).
@@ -121,10 +123,8 @@ def load_sigvq(source: Source, dtype: torch.dtype = torch.float32) -> SigVQ:
 def load_dit(source: Source, mode: str = "turbo", dtype: torch.dtype = torch.float32) -> ZImageDiT:
     """``mode``: "turbo" (decoder-turbo/, the 8-step distilled one) or "normal" (decoder/)."""
     ckpt = _folder(source)
-    dec_cfg = ckpt.config.decoders.get(mode)
-    if dec_cfg is None:
-        ckpt.decoder_dir(mode)  # raises the "unknown decoder mode" error
-    reader = ckpt.decoder(mode)
+    reader = ckpt.decoder(mode)  # an unknown mode raises here (CheckpointFolder.decoder_dir)
+    dec_cfg = ckpt.config.decoders[mode]  # every known mode has a config (ModelConfig.from_folder)
     validate(reader.tensors, layout.decoder_layout(dec_cfg), f"decoder ({mode})", reader.source).raise_if_failed()
     with torch.device("meta"):
         model = ZImageDiT(dec_cfg)

@@ -39,5 +39,7 @@ class SigVQ(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         net = self.prior_projector.net
+        first = net[0]
+        assert isinstance(first, _Proj)  # built so in _Projector.__init__
         x = self.prior_token_embedding(ids)
-        return net[2](F.silu(net[0].proj(x)))
+        return net[2](F.silu(first.proj(x)))

@@ -151,7 +151,9 @@ class SigLipVQTokenizer(nn.Module):
         """ViT features [N, D] -> ids [N]: cosine-nearest codebook entry, computed in fp32."""
         vq = self.model.vqmodel
         w = vq.quant_conv.weight.float().flatten(1)  # [E, D]
-        z = F.linear(feats.float(), w, vq.quant_conv.bias.float())
+        bias = vq.quant_conv.bias
+        assert bias is not None  # quant_conv is built with a bias (and the layout requires it)
+        z = F.linear(feats.float(), w, bias.float())
         z = F.normalize(z, dim=-1)
         codebook = F.normalize(vq.quantize.embedding.weight.float(), dim=-1)
         return torch.argmax(z @ codebook.t(), dim=-1)

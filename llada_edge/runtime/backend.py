@@ -7,39 +7,48 @@ left pads of CFG rows and SPRINT-pruned keys are simply invalid entries.
 
 Calls, in order, for one request::
 
-    backend.start(rows, capacity)
+    backend.start(rows, capacity, block_size)
     backend.prefill(ids, positions, valid)        # the complete prompt blocks -> cache
     for each block:
         for each step:
             hidden = backend.forward_block(ids, positions, valid)     # block vs cache + itself
-            logits = backend.head_image(hidden)  (or head_text)
+            logits = backend.head_image(hidden)  (or head_text; or head_sample when fused)
         backend.commit(ids, positions, valid)     # final block tokens -> their K/V appended
 
-Implementations (``backends/``): ``torch`` (the PyTorch reference; a CUDA-graph mode for CUDA devices),
-``onnxruntime`` (build folders, CPU) and ``tensorrt`` (build folders, GPU; one CUDA graph per step
-shape). The CUDA-graph and TensorRT paths have not run on this project's machines (no GPU, no
-TensorRT). Nothing in this module imports torch.
+Optional capabilities are declared here too, so the sampler and the accuracy report never probe for
+methods: ``fused_head_kinds`` (heads with a fused CFG + greedy graph, :meth:`Backend.head_sample`),
+``provides_key_importance`` (attention mass for SPRINT pruning) and :meth:`Backend.hidden_states`.
+
+Implementations (``backends/``, created by :func:`llada_edge.runtime.backends.create_backend`): ``torch``
+(the PyTorch reference; a CUDA-graph mode for CUDA devices), ``onnxruntime`` (build folders, CPU) and
+``tensorrt`` (build folders, GPU; one CUDA graph per step shape); the last two share their session logic
+(:mod:`~llada_edge.runtime.backends.engine_session`). The CUDA-graph and TensorRT paths have not run on
+this project's machines (no GPU, no TensorRT). Nothing in this module imports torch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from llada_edge.config import ModelConfig
+from llada_edge.config import BLOCK_SIZE, ModelConfig
 
 
 @runtime_checkable
 class Backend(Protocol):
     name: str
     config: ModelConfig
+    #: Heads ("text", "image") whose fused graph :meth:`head_sample` can run; empty when there are none.
+    fused_head_kinds: tuple[str, ...]
+    #: Whether ``forward_block(..., key_importance=True)`` returns attention mass (SPRINT prefix pruning).
+    provides_key_importance: bool
 
     # -- backbone session -------------------------------------------------------------------
 
-    def start(self, rows: int, capacity: int) -> None:
-        """Begin a request: an empty KV cache for ``rows`` sequences of up to ``capacity`` tokens."""
+    def start(self, rows: int, capacity: int, block_size: int = BLOCK_SIZE) -> None:
+        """Begin a request: an empty KV cache for ``rows`` sequences of up to ``capacity`` tokens, generated
+        in blocks of ``block_size`` (a prefill is block-causal on it)."""
 
     def prefill(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
         """Append the K/V of a prefix [B, L] (block-causal attention within it, then the cache)."""
@@ -62,6 +71,9 @@ class Backend(Protocol):
     def cache_len(self) -> int:
         """Tokens per row currently in the cache."""
 
+    def hidden_states(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Final hidden states [B, L, D] of a whole sequence (block-causal, no cache): accuracy checks."""
+
     # -- heads ------------------------------------------------------------------------------
 
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
@@ -69,6 +81,10 @@ class Backend(Protocol):
 
     def head_image(self, hidden: np.ndarray) -> np.ndarray:
         """Image-code logits [B, T, num_image_tokens] (fp32): lm_head rows image_token_offset.. only."""
+
+    def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a kind in ``fused_head_kinds``: the rows combined by ``row_weights`` (CFG), then x0 = argmax and
+        p = its softmax probability, (x0 [T] int64, p [T]), without [B, T, vocab] logits leaving the engine."""
 
     # -- image side -------------------------------------------------------------------------
 
@@ -89,77 +105,3 @@ class Backend(Protocol):
     @property
     def forward_passes(self) -> int:
         """Backbone forward passes so far (prefill, block steps and commits each count one)."""
-
-
-class CacheCounters:
-    """Bookkeeping every backend shares: tokens in the KV cache, backbone passes run."""
-
-    _len: int = 0
-    _passes: int = 0
-
-    @property
-    def cache_len(self) -> int:
-        return self._len
-
-    @property
-    def forward_passes(self) -> int:
-        return self._passes
-
-
-def fill_step_mask(out: np.ndarray, cache_valid: np.ndarray, keep: np.ndarray | None, block_valid: np.ndarray,
-                   causal_blocks: bool, block_size: int = 32) -> np.ndarray:
-    """The layer graphs' ``attn_mask`` [B, T, capacity+T], written into ``out`` (a reused buffer).
-
-    Cache columns: valid entries (and, for SPRINT, kept ones); block columns: the block's valid tokens,
-    block-causal within the new tokens for a prefill.
-    """
-    capacity = cache_valid.shape[1]
-    tokens = block_valid.shape[1]
-    out[:, :, :capacity] = cache_valid[:, None, :]
-    if keep is not None:
-        out[:, :, :keep.shape[1]] &= keep[:, None, :]
-    out[:, :, capacity:] = block_valid[:, None, :]
-    if causal_blocks:
-        blk = np.arange(tokens) // block_size
-        out[:, :, capacity:] &= (blk[None, :] <= blk[:, None])[None]
-    return out
-
-
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-
-
-def is_build_folder(path: str | Path) -> bool:
-    return (Path(path) / "manifest.json").is_file()
-
-
-def resolve_backend(name: str, path: str | Path) -> str:
-    """``auto``: a build folder runs on onnxruntime, a checkpoint folder on the torch reference."""
-    from llada_edge.errors import InputError
-
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
-    build = is_build_folder(path)
-    if name == "auto":
-        return "onnxruntime" if build else "torch"
-    if name in ("onnxruntime", "tensorrt") and not build:
-        raise InputError(f"{path}: the {name} backend runs a build folder (manifest.json); create one with "
-                         "`llada-edge export --checkpoint DIR --out BUILD`")
-    if name == "torch" and build:
-        raise InputError(f"{path}: the torch backend runs a checkpoint folder, not a build folder")
-    return name
-
-
-def create_backend(name: str, path: str | Path, **options: object) -> Backend:
-    """Instantiate a backend by name; its heavy imports happen here, not at module import."""
-    name = resolve_backend(name, path)
-    if name == "torch":
-        from llada_edge.runtime.backends.torch_backend import TorchBackend
-
-        return TorchBackend(path, **options)  # type: ignore[arg-type]
-    if name == "tensorrt":
-        from llada_edge.runtime.backends.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(path, **options)  # type: ignore[arg-type]
-    from llada_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-    return OnnxRuntimeBackend(path, **options)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from llada_edge.runtime.backend import Backend
 Velocity = Callable[[np.ndarray, float], np.ndarray]
 DECODE_MODES = {"turbo": 8, "normal": 50}  # mode -> default number of steps
 TIME_SHIFT = 6.0
+NORMAL_CFG_SCALE = 1.0  # w of the normal decoder's CFG against all-zero conditioning (upstream's value)
 RESOLUTION_MULTIPLIER = 2  # a gh x gw token grid decodes at (32 gh) x (32 gw) pixels
 
 
@@ -95,7 +96,7 @@ class DecodeResult:
 
 
 def decode_tokens(backend: Backend, vq_ids: np.ndarray, gh: int, gw: int, mode: str = "turbo",
-                  steps: int | None = None, seed: int = 0, cfg_scale: float = 1.0,
+                  steps: int | None = None, seed: int = 0,
                   progress: Callable[[int, int], None] | None = None) -> DecodeResult:
     """Decode a gh x gw grid of un-offset VQ ids into an image of (32 gh) x (32 gw) pixels."""
     if mode not in DECODE_MODES:
@@ -140,7 +141,7 @@ def decode_tokens(backend: Backend, vq_ids: np.ndarray, gh: int, gw: int, mode: 
             count(steps - 1)
             v = backend.dit("normal", np.concatenate([x, x]).astype(np.float32), np.full(2, t, np.float32),
                             both_caps)
-            return cfg_with_norm_clamp(v[:1], v[1:], cfg_scale)
+            return cfg_with_norm_clamp(v[:1], v[1:], NORMAL_CFG_SCALE)
 
         x = sample_euler(velocity, z, normal_timesteps(steps))
     timings["dit"] = time.perf_counter() - t0

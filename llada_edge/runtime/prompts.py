@@ -56,7 +56,7 @@ def _require_text(text: str, what: str) -> None:
 def image_header(tok: TextTokenizer, gh: int, gw: int) -> list[int]:
     """``<|image|><|reserved_token_{gh}|><|reserved_token_{gw}|><boi>``: opens an image of gh x gw codes."""
     for name, n in (("gh", gh), ("gw", gw)):
-        if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, (int, Integral)) or n < 1:
             raise InputError(f"image grid {name} must be a positive integer, got {n!r}")
     return [tok.image_start_id, tok.reserved_token_id(int(gh)), tok.reserved_token_id(int(gw)), tok.boi_id]
 

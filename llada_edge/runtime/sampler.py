@@ -31,14 +31,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
+from llada_edge.config import BLOCK_SIZE
 from llada_edge.errors import InputError
 from llada_edge.runtime.backend import Backend
 
-BLOCK_SIZE = 32
 STRATEGIES = ("low_confidence", "top_k_margin", "neg_entropy")
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,7 +50,9 @@ STRATEGIES = ("low_confidence", "top_k_margin", "neg_entropy")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    steps: int = 8  # denoising steps per 32-token block
+    """How the unmasking loop runs; the request options of :mod:`llada_edge.runtime.requests` extend it."""
+
+    steps: int = 8  # denoising steps per block
     threshold: float = 0.95
     temperature: float = 0.0  # 0 = argmax with p = softmax(logits)[argmax]
     seed: int = 0
@@ -258,6 +262,9 @@ class BlockDiffusionSampler:
                  sprint: SprintConfig | None = None, progress: Progress | None = None) -> None:
         if head not in ("text", "image"):
             raise ValueError(f"head must be 'text' or 'image', got {head!r}")
+        if sprint is not None and sprint.prunes and not backend.provides_key_importance:
+            raise InputError(f"SPRINT prefix pruning needs attention scores, which the {backend.name} backend does "
+                             "not provide; use keep ratio 1.0 there, or the torch backend")
         self.backend = backend
         self.head = head
         self.sampling = sampling
@@ -277,9 +284,9 @@ class BlockDiffusionSampler:
         """The fused graph computes greedy p; sampling, rescale and other confidence measures need logits."""
         s = self.sampling
         return (s.fused_head and s.temperature == 0 and not s.cfg_rescale and self.strategy == "low_confidence"
-                and self.head in getattr(self.backend, "fused_head_kinds", ()))
+                and self.head in self.backend.fused_head_kinds)
 
-    def _timed(self, fn: Callable, *args: object, **kwargs: object):
+    def _timed(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -328,12 +335,12 @@ class BlockDiffusionSampler:
         conf_of = np.ones(total, dtype=np.float64)  # prompt tokens count as fully confident (SPRINT)
         rng = np.random.default_rng(s.seed) if s.temperature > 0 else None
         stop = np.asarray(list(stop_ids), dtype=np.int64)
-        use_sprint = self.sprint is not None
+        sprint = self.sprint
 
         first_block = prompt_len // bs
         loop_start = time.perf_counter()
         self._engine_seconds = 0.0
-        self.backend.start(n_rows, total)
+        self.backend.start(n_rows, total, bs)
         passes0 = self.backend.forward_passes
         if first_block:
             self._timed(self.backend.prefill, x[:, :first_block * bs], pos[:, :first_block * bs],
@@ -349,13 +356,13 @@ class BlockDiffusionSampler:
                 if not active.any():
                     break
                 step_start = time.perf_counter()
-                want_importance = use_sprint and self.sprint.prunes and step == self.sprint.cache_warmup_steps - 1
+                want_importance = sprint is not None and sprint.prunes and step == sprint.cache_warmup_steps - 1
                 hidden, importance = self._timed(self.backend.forward_block, x[:, lo:hi], pos[:, lo:hi],
                                                  valid[:, lo:hi], key_importance=want_importance)
                 x0, p, conf = self._score(hidden, active, row_weights, rng)
-                if use_sprint:
+                if sprint is not None:
                     k = adaptive_k(int(active.sum()), s.steps - step)
-                    sel = select_sprint(conf, p, active, k, self.sprint.threshold)
+                    sel = select_sprint(conf, p, active, k, sprint.threshold)
                 else:
                     sel = select_baseline(conf, active, schedule[step], s.threshold)
                 x[:, lo:hi][:, sel] = x0[sel] + self.offset  # committed into every row

@@ -85,7 +85,7 @@ class TextTokenizer:
 
     def reserved_token_id(self, n: int) -> int:
         """Id of ``<|reserved_token_{n}|>``, the token that spells a grid size ``n`` (model-spec §3)."""
-        if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, (int, Integral)) or n < 0:
             raise InputError(f"grid size must be a non-negative integer, got {n!r}")
         n = int(n)
         tid = self._tok.token_to_id(reserved_token(n))

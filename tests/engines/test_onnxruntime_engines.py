@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from llada_edge.buildfolder import Manifest
 from llada_edge.calibration.recipes import RECIPES, get_recipe, int4_block_size, parse_overrides
 from llada_edge.engines.build import build_engines
-from llada_edge.engines.manifest import Manifest
 from llada_edge.engines.onnxruntime_builder import _quantize_rows, dequantize_rows
 from llada_edge.errors import InputError
 from llada_edge.runtime import Pipeline

@@ -11,12 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from llada_edge.buildfolder import Manifest
 from llada_edge.calibration.recipes import RECIPES
 from llada_edge.cli import main
+from llada_edge.components import Registry
 from llada_edge.engines.build import ensure_qdq_graphs
-from llada_edge.engines.manifest import Manifest
 from llada_edge.export.allowlist import check_tensorrt_compatible
-from llada_edge.export.components import validation_cases
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_MODELOPT = importlib.util.find_spec("modelopt") is not None
@@ -60,7 +60,7 @@ def test_qdq_graphs_pass_the_allowlist_and_run(dense_build: Path, precision: str
     for name in ("layer_1", "dit_turbo"):
         path = quantized[name] / "model.onnx"
         assert check_tensorrt_compatible(path) == [], name
-        _, feed = validation_cases(cfg, name)[0]
+        _, feed = Registry(cfg)[name].validation_cases(np.random.default_rng(0))[0]
         ref = ort.InferenceSession(str(dense_build / "onnx" / name / "model.onnx"), opts).run(None, feed)[0]
         got = ort.InferenceSession(str(path), opts).run(None, feed)[0]
         cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))

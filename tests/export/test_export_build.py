@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llada_edge.buildfolder import Manifest
 from llada_edge.cli import main
-from llada_edge.engines.manifest import Manifest
 from llada_edge.export import build as build_module
 from llada_edge.export.allowlist import check_tensorrt_compatible
 from llada_edge.export.build import export_build

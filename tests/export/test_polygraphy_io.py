@@ -41,15 +41,7 @@ def _assert_same(got: list[dict[str, np.ndarray]], want: list[dict[str, np.ndarr
             np.testing.assert_array_equal(g[name], w[name])
 
 
-@pytest.fixture(params=["polygraphy", "fallback"])
-def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run each save test with Polygraphy's encoder and with the built-in one (same format)."""
-    if request.param == "fallback":
-        monkeypatch.setattr(vio, "_have_polygraphy", lambda: False)
-    return request.param
-
-
-def test_inputs_load_with_polygraphy(tmp_path: Path, writer: str) -> None:
+def test_inputs_load_with_polygraphy(tmp_path: Path) -> None:
     feeds = _feeds()
     path = vio.save_inputs(tmp_path / "inputs.json", feeds)
     # The loader behind `polygraphy run --load-inputs`.
@@ -58,7 +50,7 @@ def test_inputs_load_with_polygraphy(tmp_path: Path, writer: str) -> None:
     assert not (tmp_path / "inputs.json.tmp").exists()
 
 
-def test_outputs_load_with_polygraphy(tmp_path: Path, writer: str) -> None:
+def test_outputs_load_with_polygraphy(tmp_path: Path) -> None:
     outputs = [{k: v for k, v in f.items() if k != "input_ids"} for f in _feeds()]
     path = vio.save_outputs(tmp_path / "outputs.json", outputs, runner_name="torch-reference")
     results = comparator.RunResults.load(str(path))
@@ -70,18 +62,15 @@ def test_outputs_load_with_polygraphy(tmp_path: Path, writer: str) -> None:
     _assert_same(streamed, outputs)
 
 
-def test_round_trip_both_readers(tmp_path: Path, writer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_round_trip(tmp_path: Path) -> None:
     feeds = _feeds()
     vio.save_inputs(tmp_path / "in.json", feeds)
     vio.save_outputs(tmp_path / "out.json", feeds, runner_name="ref")
-    monkeypatch.undo()  # read with polygraphy, whoever wrote it
-    for _reader in ("polygraphy", "fallback"):
-        _assert_same(vio.load_inputs(tmp_path / "in.json"), feeds)
-        _assert_same(vio.load_outputs(tmp_path / "out.json"), feeds)
-        _assert_same(vio.load_outputs(tmp_path / "out.json", runner_name="ref"), feeds)
-        with pytest.raises(KeyError, match="no results for runner"):
-            vio.load_outputs(tmp_path / "out.json", runner_name="trt")
-        monkeypatch.setattr(vio, "_have_polygraphy", lambda: False)
+    _assert_same(vio.load_inputs(tmp_path / "in.json"), feeds)
+    _assert_same(vio.load_outputs(tmp_path / "out.json"), feeds)
+    _assert_same(vio.load_outputs(tmp_path / "out.json", runner_name="ref"), feeds)
+    with pytest.raises(KeyError, match="no results for runner"):
+        vio.load_outputs(tmp_path / "out.json", runner_name="trt")
 
 
 def test_npz_twin(tmp_path: Path) -> None:
@@ -181,11 +170,3 @@ def test_polygraphy_cli_replays_the_check(tmp_path: Path) -> None:
     assert failed.returncode != 0, failed.stdout[-3000:]
     assert "vs. torch-reference | Passed: 0/3 iterations" in failed.stdout + failed.stderr  # a mismatch, not a crash
     assert json.loads(bad.read_text())["polygraphy_class"] == "RunResults"
-
-
-def test_fallback_writes_polygraphy_bytes() -> None:
-    """Without polygraphy installed, exports still write exactly what polygraphy would."""
-    feeds = _feeds()
-    assert vio._fallback_to_json(feeds) == vio._polygraphy_to_json(feeds)
-    runs = vio._fallback_to_json(vio._run_results_dict(feeds, "ref"))
-    assert runs == vio._polygraphy_run_results_json(feeds, "ref")

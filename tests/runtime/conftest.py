@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llada_edge.config import ModelConfig
-from llada_edge.runtime.backend import CacheCounters
+from llada_edge.runtime.backends.engine_session import CacheCounters
 
 LogitsFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]  # (block ids, positions, call no.) -> logits
 
@@ -22,6 +22,8 @@ class ScriptedBackend(CacheCounters):
     """
 
     name = "scripted"
+    fused_head_kinds: tuple[str, ...] = ()
+    provides_key_importance = True
 
     def __init__(self, config: ModelConfig, logits_fn: LogitsFn) -> None:
         self.config = config
@@ -32,7 +34,7 @@ class ScriptedBackend(CacheCounters):
         self._passes = 0
         self._positions = np.zeros(0)
 
-    def start(self, rows: int, capacity: int) -> None:
+    def start(self, rows: int, capacity: int, block_size: int = 32) -> None:
         self._len = 0
         self.calls.append(("start", np.zeros((rows, 0)), np.zeros((rows, 0))))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llada_edge.reference import procedural_image
+from llada_edge.calibration.requests import procedural_image
 from llada_edge.runtime import Pipeline, SprintConfig
 from llada_edge.runtime.backends.torch_backend import TorchBackend
 from llada_edge.runtime.sampler import BlockDiffusionSampler, SamplingConfig, left_pad

@@ -88,7 +88,7 @@ def test_upsample_is_nearest_2x_in_raster_order() -> None:
 
 
 def test_decode_tokens_on_the_tiny_checkpoint(tiny_ckpt) -> None:
-    from llada_edge.runtime.backend import create_backend
+    from llada_edge.runtime.backends import create_backend
 
     backend = create_backend("torch", str(tiny_ckpt))
     ids = np.arange(6) * 1000

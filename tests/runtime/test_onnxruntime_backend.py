@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llada_edge.calibration.requests import procedural_image
 from llada_edge.cli import main
-from llada_edge.reference import procedural_image
 from llada_edge.runtime import Pipeline
 from llada_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from llada_edge.calibration.requests import procedural_image
 from llada_edge.cli import main
-from llada_edge.reference import procedural_image
 
 
 @pytest.fixture(scope="module")

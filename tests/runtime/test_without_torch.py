@@ -27,10 +27,12 @@ SCRIPT = textwrap.dedent('''
     class NumpyBackend:
         """A stand-in engine: deterministic pseudo-random outputs with the protocol's shapes."""
         name = "numpy"
+        fused_head_kinds = ()
+        provides_key_importance = True
 
         def __init__(self):
             self.config, self._len, self._passes = config, 0, 0
-        def start(self, rows, capacity): self._len = 0
+        def start(self, rows, capacity, block_size=32): self._len = 0
         def prefill(self, ids, positions, valid): self._len += ids.shape[1]; self._passes += 1
         def forward_block(self, ids, positions, valid, key_importance=False):
             self._passes += 1

@@ -23,13 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from llada_edge.buildfolder import Artifact, Manifest
 from llada_edge.config import ModelConfig
-from llada_edge.engines.manifest import Manifest
 from llada_edge.errors import InputError
-from llada_edge.positions import dit_rope_tables
-from llada_edge.runtime.backend import CacheCounters, fill_step_mask
+from llada_edge.runtime.backends.engine_session import EngineSession
 
-BLOCK = 32
 INSTALL_HINT = ("the tensorrt backend needs TensorRT and cuda-python (pip install tensorrt cuda-python, from "
                 "NVIDIA's index) and an NVIDIA GPU; use --backend onnxruntime on this machine")
 
@@ -81,11 +79,12 @@ class _DeviceArray:
 
 @dataclass
 class _Step:
-    """Device buffers of one (rows, tokens) shape, plus its captured graph."""
+    """Device buffers of one (rows, tokens) shape, its host-side mask buffer, and its captured graph."""
 
     ids: _DeviceArray
     positions: _DeviceArray
     mask: _DeviceArray
+    host_mask: np.ndarray  # attn_mask written on the host, then uploaded into ``mask``
     hidden: tuple[_DeviceArray, _DeviceArray]
     k_blk: list[_DeviceArray]
     v_blk: list[_DeviceArray]
@@ -94,7 +93,7 @@ class _Step:
     extra: dict[str, _DeviceArray] = field(default_factory=dict)
 
 
-class TensorRTBackend(CacheCounters):
+class TensorRTBackend(EngineSession[_Step]):
     name = "tensorrt"
     fused_head_kinds = ("text", "image")
 
@@ -106,26 +105,21 @@ class TensorRTBackend(CacheCounters):
         if verify:
             self.manifest.verify(self.build_dir)
         self.precision = precision
-        self.config = ModelConfig.from_folder(self.build_dir / "model")
+        super().__init__(ModelConfig.from_folder(self.build_dir / "model"))
         self.cuda_graphs = cuda_graphs
         self.graph_fallbacks: list[str] = []
         self._runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self._engines: dict[str, tuple[Any, Any]] = {}
         self.stream = _ok(self.cudart.cudaStreamCreate())
-        self._layers = self.config.backbone.num_hidden_layers
         self._k: list[_DeviceArray] = []
         self._v: list[_DeviceArray] = []
-        self._valid = np.zeros((0, 0), bool)
-        self._keep: np.ndarray | None = None
-        self._len = 0
-        self._passes = 0
         self._steps: dict[tuple[int, int], _Step] = {}
 
     # -- engines ----------------------------------------------------------------------------------
 
     def _context(self, name: str) -> tuple[Any, Any]:
         if name not in self._engines:
-            entry = self.manifest.components.get(f"tensorrt/{self.precision}/{name}")
+            entry = self.manifest.components.get(Artifact.trt_engine(self.precision, name).entry)
             if entry is None:
                 raise InputError(f"{self.build_dir}: no {self.precision} TensorRT engine for {name}; run `llada-edge "
                                  f"build --target tensorrt --precision {self.precision}`")
@@ -167,25 +161,22 @@ class TensorRTBackend(CacheCounters):
             buf.free()
         return result
 
-    # -- backbone session -------------------------------------------------------------------------
+    # -- the engine session's hooks ---------------------------------------------------------------------
 
-    def start(self, rows: int, capacity: int) -> None:
+    def _allocate_cache(self, rows: int, capacity: int) -> None:
         b = self.config.backbone
         shape = (rows, b.num_key_value_heads, capacity, b.head_dim)
-        if not self._k or self._k[0].shape != shape:
-            for buf in [*self._k, *self._v]:
-                buf.free()
-            self._k = [_DeviceArray(self.cudart, shape, np.float32) for _ in range(self._layers)]
-            self._v = [_DeviceArray(self.cudart, shape, np.float32) for _ in range(self._layers)]
-            self._steps.clear()  # captured graphs point at the old cache
-            self._valid = np.zeros((rows, capacity), bool)
+        for buf in [*self._k, *self._v]:
+            buf.free()
+        self._k = [_DeviceArray(self.cudart, shape, np.float32) for _ in self.registry.layers]
+        self._v = [_DeviceArray(self.cudart, shape, np.float32) for _ in self.registry.layers]
+        self._steps.clear()  # captured graphs point at the old cache
+
+    def _reset_cache(self) -> None:
         for buf in [*self._k, *self._v]:
             _ok(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
-        self._valid[:] = False
-        self._keep = None
-        self._len = 0
 
-    def _step(self, rows: int, tokens: int) -> _Step:
+    def _step_buffers(self, rows: int, tokens: int) -> _Step:
         if (rows, tokens) not in self._steps:
             b, cu = self.config.backbone, self.cudart
             kv = (rows, b.num_key_value_heads, tokens, b.head_dim)
@@ -193,24 +184,32 @@ class TensorRTBackend(CacheCounters):
             self._steps[(rows, tokens)] = _Step(
                 ids=_DeviceArray(cu, (rows, tokens), np.int64), positions=_DeviceArray(cu, (rows, tokens), np.int64),
                 mask=_DeviceArray(cu, (rows, tokens, capacity + tokens), np.bool_),
+                host_mask=np.zeros((rows, tokens, capacity + tokens), bool),
                 hidden=(_DeviceArray(cu, (rows, tokens, b.hidden_size), np.float32),
                         _DeviceArray(cu, (rows, tokens, b.hidden_size), np.float32)),
-                k_blk=[_DeviceArray(cu, kv, np.float32) for _ in range(self._layers)],
-                v_blk=[_DeviceArray(cu, kv, np.float32) for _ in range(self._layers)])
+                k_blk=[_DeviceArray(cu, kv, np.float32) for _ in self.registry.layers],
+                v_blk=[_DeviceArray(cu, kv, np.float32) for _ in self.registry.layers])
         return self._steps[(rows, tokens)]
 
+    def _mask_of(self, step: _Step) -> np.ndarray:
+        return step.host_mask
+
     def _enqueue_layers(self, step: _Step) -> None:
-        self._enqueue("embed", {"ids": step.ids}, {"hidden": step.hidden[0]})
+        embed = self.registry.embed
+        self._enqueue(embed.name, embed.feeds(step.ids), embed.outputs(step.hidden[0]))
         cur, nxt = step.hidden
-        for i in range(self._layers):
-            self._enqueue(f"layer_{i}", {"hidden": cur, "positions": step.positions, "past_k": self._k[i],
-                                         "past_v": self._v[i], "attn_mask": step.mask},
-                          {"hidden_out": nxt, "k_blk": step.k_blk[i], "v_blk": step.v_blk[i]})
+        for i, layer in enumerate(self.registry.layers):
+            self._enqueue(layer.name, layer.feeds(cur, step.positions, self._k[i], self._v[i], step.mask),
+                          layer.outputs(nxt, step.k_blk[i], step.v_blk[i]))
             cur, nxt = nxt, cur
         step.extra["out"] = cur
 
-    def _launch(self, step: _Step, graphable: bool) -> None:
-        """Eager enqueue the first time, then (graphable shapes) capture once and replay."""
+    def _launch(self, step: _Step, ids: np.ndarray, positions: np.ndarray, graphable: bool) -> None:
+        """Upload the inputs in place, then: eager enqueue the first time, and for graphable (block) shapes
+        capture once and replay."""
+        step.ids.upload(ids, self.stream)  # in place: a captured graph keeps reading these buffers
+        step.positions.upload(positions, self.stream)
+        step.mask.upload(step.host_mask, self.stream)
         cu = self.cudart
         if not (self.cuda_graphs and graphable) or step.graph == "eager":
             self._enqueue_layers(step)
@@ -232,79 +231,46 @@ class TensorRTBackend(CacheCounters):
                 return
         _ok(cu.cudaGraphLaunch(step.graph, self.stream))
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, causal_blocks: bool,
-             use_keep: bool) -> _Step:
-        rows, tokens = ids.shape
-        step = self._step(rows, tokens)
-        capacity = self._valid.shape[1]
-        mask = fill_step_mask(np.empty((rows, tokens, capacity + tokens), bool), self._valid,
-                              self._keep if use_keep else None, valid, causal_blocks, BLOCK)
-        step.ids.upload(ids, self.stream)  # in place: a captured graph keeps reading these buffers
-        step.positions.upload(positions, self.stream)
-        step.mask.upload(mask, self.stream)
-        self._launch(step, graphable=not causal_blocks)
-        self._passes += 1
-        return step
-
-    def _append(self, step: _Step, valid: np.ndarray) -> None:
-        rows, tokens = valid.shape
+    def _store_block(self, step: _Step, start: int, tokens: int) -> None:
         b, cu = self.config.backbone, self.cudart
-        if self._len + tokens > self._valid.shape[1]:
-            raise InputError(f"KV cache capacity {self._valid.shape[1]} exceeded ({self._len} + {tokens} tokens)")
+        rows = step.ids.shape[0]
         row_bytes = tokens * b.head_dim * 4
         pitch = self._valid.shape[1] * b.head_dim * 4
-        for i in range(self._layers):  # [B*Hkv] rows of T*hd floats into the cache at column len
+        for i in range(len(self.registry.layers)):  # [B*Hkv] rows of T*hd floats into the cache at column start
             for blk, cache in ((step.k_blk[i], self._k[i]), (step.v_blk[i], self._v[i])):
-                _ok(cu.cudaMemcpy2DAsync(cache.ptr + self._len * b.head_dim * 4, pitch, blk.ptr, row_bytes, row_bytes,
+                _ok(cu.cudaMemcpy2DAsync(cache.ptr + start * b.head_dim * 4, pitch, blk.ptr, row_bytes, row_bytes,
                                          rows * b.num_key_value_heads, cu.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                                          self.stream))
-        self._valid[:, self._len:self._len + tokens] = valid
-        self._len += tokens
 
-    def prefill(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
-        if self._len:
-            raise RuntimeError("prefill must come first in a session")
-        self._append(self._run(ids, positions, valid, causal_blocks=True, use_keep=False), valid)
-
-    def forward_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray,
-                      key_importance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        if key_importance:
-            raise InputError("SPRINT prefix pruning needs attention scores, which the engines do not output")
-        step = self._run(ids, positions, valid, causal_blocks=False, use_keep=True)
-        return step.extra["out"].download(self.stream), None
-
-    def commit(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
-        self._append(self._run(ids, positions, valid, causal_blocks=False, use_keep=False), valid)
-
-    def set_cache_mask(self, keep: np.ndarray | None) -> None:
-        self._keep = None if keep is None else keep.astype(bool)
+    def _hidden_of(self, step: _Step) -> np.ndarray:
+        return step.extra["out"].download(self.stream)
 
     # -- heads and image side ---------------------------------------------------------------------
 
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
-        return self._run_host("head_text", {"hidden": hidden.astype(np.float32)})[0]
+        head = self.registry.heads["text"]
+        return self._run_host(head.name, head.feeds(hidden.astype(np.float32)))[0]
 
     def head_image(self, hidden: np.ndarray) -> np.ndarray:
-        return self._run_host("head_image", {"hidden": hidden.astype(np.float32)})[0]
+        head = self.registry.heads["image"]
+        return self._run_host(head.name, head.feeds(hidden.astype(np.float32)))[0]
 
     def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x0, p = self._run_host(f"head_{kind}_sample", {"hidden": hidden.astype(np.float32),
-                                                       "row_weights": np.asarray(row_weights, np.float32)})
+        head = self.registry.sample_heads[kind]
+        x0, p = self._run_host(head.name, head.feeds(hidden.astype(np.float32), np.asarray(row_weights, np.float32)))
         return x0, p
 
     def tokenize_image(self, pixels: np.ndarray) -> np.ndarray:
-        return self._run_host("vision_tokenizer", {"pixels": pixels.astype(np.float32)})[0].astype(np.int64)
+        tokenizer = self.registry.vision_tokenizer
+        return self._run_host(tokenizer.name, tokenizer.feeds(pixels.astype(np.float32)))[0].astype(np.int64)
 
     def sigvq(self, ids: np.ndarray) -> np.ndarray:
-        return self._run_host("sigvq", {"ids": ids.astype(np.int64)})[0]
+        return self._run_host(self.registry.sigvq.name, self.registry.sigvq.feeds(ids.astype(np.int64)))[0]
 
     def dit(self, mode: str, latent: np.ndarray, t: np.ndarray, cap: np.ndarray) -> np.ndarray:
-        dec = self.config.decoders[mode]
-        tables = dit_rope_tables(latent.shape[3] // dec.patch_size, latent.shape[4] // dec.patch_size, cap.shape[1],
-                                 dec.axes_dims, dec.rope_theta)
-        feeds = {"latent": latent.astype(np.float32), "t": t.astype(np.float32), "cap": cap.astype(np.float32),
-                 "img_cos": tables[0], "img_sin": tables[1], "cap_cos": tables[2], "cap_sin": tables[3]}
-        return self._run_host(f"dit_{mode}", feeds)[0]
+        dit = self.registry.dits[mode]
+        return self._run_host(dit.name, dit.feeds_for(latent, t, cap))[0]
 
     def vae_decode(self, latent: np.ndarray) -> np.ndarray:
-        return self._run_host("vae_decoder", {"latent": latent.astype(np.float32)})[0]
+        vae = self.registry.vae_decoder
+        return self._run_host(vae.name, vae.feeds(latent.astype(np.float32)))[0]

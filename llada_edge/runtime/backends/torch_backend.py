@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from llada_edge.checkpoint import CheckpointFolder
+from llada_edge.config import BLOCK_SIZE
 from llada_edge.errors import InputError
 from llada_edge.model import load_backbone, load_dit, load_sigvq, load_vae, load_vision_tokenizer
 from llada_edge.model.backbone import LLaDA2Backbone, guided_greedy
-from llada_edge.runtime.backend import CacheCounters
+from llada_edge.runtime.backends.engine_session import CacheCounters, check_capacity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -67,6 +68,8 @@ class _CapturedStep:
 
 class TorchBackend(CacheCounters):
     name = "torch"
+    fused_head_kinds = ("text", "image")
+    provides_key_importance = True  # attention mass per cached key, from probes in the reference attention
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
                  moe_impl: str = "loop", kv_cache: bool = True, static_shapes: bool = False,
@@ -84,6 +87,7 @@ class TorchBackend(CacheCounters):
         self._v: list[torch.Tensor] = []
         self._valid = torch.zeros(0, 0, dtype=torch.bool)
         self._keep: torch.Tensor | None = None
+        self._block_size = BLOCK_SIZE
         self._len = 0
         self._passes = 0
         self.kv_cache = kv_cache
@@ -108,6 +112,7 @@ class TorchBackend(CacheCounters):
 
     def _component(self, name: str) -> torch.nn.Module:
         if name not in self._components:
+            module: torch.nn.Module
             if name == "tokenizer":
                 module = load_vision_tokenizer(self.ckpt, torch.float32)  # ids are compared in fp32
             elif name == "sigvq":
@@ -124,7 +129,7 @@ class TorchBackend(CacheCounters):
 
     # -- backbone session ---------------------------------------------------------------------
 
-    def start(self, rows: int, capacity: int) -> None:
+    def start(self, rows: int, capacity: int, block_size: int = BLOCK_SIZE) -> None:
         cfg = self.config.backbone
         shape = (rows, cfg.num_key_value_heads, capacity, cfg.head_dim)
         if not self._k or self._k[0].shape != shape:
@@ -135,12 +140,12 @@ class TorchBackend(CacheCounters):
         self._valid.zero_()
         self._keep = None
         self._len = 0
+        self._block_size = block_size
         self._history = []
 
     def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor) -> None:
         n = valid.shape[1]
-        if self._len + n > self._valid.shape[1]:
-            raise InputError(f"KV cache capacity {self._valid.shape[1]} exceeded ({self._len} + {n} tokens)")
+        check_capacity(self._len, n, self._valid.shape[1])
         for layer, (k, v) in enumerate(kv):  # a copy into the preallocated cache
             self._k[layer][:, :, self._len:self._len + n] = k
             self._v[layer][:, :, self._len:self._len + n] = v
@@ -158,7 +163,7 @@ class TorchBackend(CacheCounters):
         if not self.kv_cache:
             self._remember(ids, positions, valid_t)
             return
-        _, kv = self.backbone.forward_full(self._t(ids), self._t(positions), valid_t)
+        _, kv = self.backbone.forward_full(self._t(ids), self._t(positions), valid_t, self._block_size)
         self._passes += 1
         self._append(kv, valid_t)
 
@@ -218,7 +223,7 @@ class TorchBackend(CacheCounters):
             raise InputError("prefix pruning (SPRINT keep ratio < 1) needs the KV cache")
         parts = [*self._history, (self._t(ids), self._t(positions), valid)]
         all_ids, all_pos, all_valid = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
-        h, kv = self.backbone.forward_full(all_ids, all_pos, all_valid)
+        h, kv = self.backbone.forward_full(all_ids, all_pos, all_valid, self._block_size)
         self._passes += 1
         t = ids.shape[1]
         return h[:, -t:], [(k[:, :, -t:], v[:, :, -t:]) for k, v in kv]
@@ -257,10 +262,14 @@ class TorchBackend(CacheCounters):
     # -- heads ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def hidden_states(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Final hidden states of a whole sequence (block-causal, no cache): for accuracy checks."""
+        h, _ = self.backbone.forward_full(self._t(ids), self._t(positions), self._t(valid).bool(), self._block_size)
+        return h.float().cpu().numpy()
+
+    @torch.inference_mode()
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
         return self.backbone.logits(self._t(hidden).to(self.dtype)).cpu().numpy()
-
-    fused_head_kinds = ("text", "image")
 
     @torch.inference_mode()
     def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

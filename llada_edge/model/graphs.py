@@ -1,24 +1,10 @@
-"""The exportable graph of each component, wrapping the reference modules with the I/O contract of
-design.md §5 (numbers in brackets are the shapes; B rows, T block tokens, S cached tokens).
+"""The exportable graph of each component: the reference modules wrapped in the I/O contract of the component
+registry (:mod:`llada_edge.components`, whose modules document every input and output shape).
 
-| graph            | inputs                                                        | outputs                       |
-|------------------|---------------------------------------------------------------|-------------------------------|
-| vision_tokenizer | pixels [1,3,H,W] f32                                          | ids [H/16*W/16] i64           |
-| embed            | ids [B,T] i64                                                 | hidden [B,T,D] f32            |
-| layer_i          | hidden [B,T,D], positions [B,T] i64, past_k/past_v            | hidden, k_blk, v_blk          |
-|                  | [B,Hkv,S,hd], attn_mask [B,T,S+T] bool                        | [B,Hkv,T,hd]                  |
-| head_text        | hidden [B,T,D]                                                | logits [B,T,vocab] f32        |
-| head_image       | hidden [B,T,D]                                                | logits [B,T,16384] f32        |
-| head_*_sample    | hidden [B,T,D], row_weights [B]                               | x0 [T] i64, p [T] f32         |
-| sigvq            | ids [N] i64 (un-offset)                                       | feats [N,C] f32               |
-| dit_turbo/normal | latent [B,16,1,Hl,Wl], t [B], cap [B,Lc,C], img_cos/img_sin   | velocity [B,16,1,Hl,Wl]       |
-|                  | [Nx_pad,hd/2], cap_cos/cap_sin [Lc_pad,hd/2]                  |                               |
-| vae_decoder      | latent [1,16,Hl,Wl]                                           | image [1,3,8Hl,8Wl] in [0,1]  |
-
-Two deliberate widenings of the design table: the layer mask is per query ([B,T,S+T], not [B,S+T])
-so the same graph also prefills a prompt with its block-causal mask in one pass; and the DiT takes its
-RoPE tables as inputs (computed on the host in float64 exactly as upstream), which keeps float64 out of
-the graph, lets one graph serve every resolution, and fixes the padded lengths.
+Two deliberate widenings of design.md §5: the layer mask is per query ([B,T,S+T], not [B,S+T]) so the
+same graph also prefills a prompt with its block-causal mask in one pass; and the DiT takes its RoPE
+tables as inputs (computed on the host in float64 exactly as upstream), which keeps float64 out of the
+graph, lets one graph serve every resolution, and fixes the padded lengths.
 """
 
 from __future__ import annotations

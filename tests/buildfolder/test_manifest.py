@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llada_edge.engines.manifest import (
+from llada_edge.buildfolder.files import atomic_dir, sha256_file
+from llada_edge.buildfolder.manifest import (
     FORMAT,
     FORMAT_VERSION,
     BuildError,
     ComponentEntry,
     FileEntry,
     Manifest,
-    atomic_dir,
     fingerprint,
     record_component,
-    sha256_file,
     versions_of,
 )
 from llada_edge.errors import LladaEdgeError

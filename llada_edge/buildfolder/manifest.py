@@ -9,21 +9,19 @@ Layout of a build folder (design.md §4)::
     BUILD/reports/...          accuracy reports, validation logs
 
 Every step is keyed by a hash of its inputs (:func:`fingerprint`) so a re-run skips what is up to date,
-and every write is atomic (:meth:`Manifest.save`, :func:`atomic_dir`) so an interrupted step leaves no
-half-written file that a later run could mistake for a finished one.
+and every write is atomic (:meth:`Manifest.save`; :mod:`~llada_edge.buildfolder.files`) so an interrupted
+step leaves no half-written file that a later run could mistake for a finished one.
 
 Only the standard library and numpy are imported here: the runtime reads manifests without torch/onnx.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -32,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from llada_edge.buildfolder.files import atomic_write_bytes, sha256_file
 from llada_edge.errors import LladaEdgeError
 
 FORMAT = "llada-edge-build"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_CHUNK = 8 << 20  # 8 MiB: large enough to stream multi-GB ONNX data quickly, small enough for any RAM.
 _RERUN = "re-run `llada-edge export`"
 
 
@@ -46,15 +44,6 @@ class BuildError(LladaEdgeError):
 
 
 # --------------------------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = _CHUNK) -> str:
-    """The hex sha256 of a file, read in chunks so multi-GB weight files never sit in memory at once."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _canonical(obj: object) -> object:
@@ -276,7 +265,7 @@ class Manifest:
         root.mkdir(parents=True, exist_ok=True)
         path = root / MANIFEST_NAME
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-        _atomic_write_text(path, text)
+        atomic_write_bytes(path, text.encode("utf-8"))
         return path
 
     def verify(
@@ -319,6 +308,11 @@ def _check_format(data: dict[str, Any], file: Path) -> None:
         )
 
 
+def is_build_folder(path: str | os.PathLike[str]) -> bool:
+    """A folder with a manifest.json (what ``auto`` backends and ``export`` tell apart from a checkpoint)."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
 def _manifest_path(build_dir: str | os.PathLike[str]) -> Path:
     root = Path(build_dir)
     hint = "run `llada-edge export` first"
@@ -351,90 +345,3 @@ def record_component(build_dir: str | os.PathLike[str], manifest: Manifest, entr
     """Register a finished component and persist at once, so a later crash cannot lose the record."""
     manifest.components[entry.name] = entry
     manifest.save(build_dir)
-
-
-# ----------------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
-    """Temp name, fsync, rename, fsync the folder: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` before it is renamed into place (rename alone orders nothing)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-@contextlib.contextmanager
-def atomic_dir(final_dir: str | os.PathLike[str], fsync: bool = True) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name and move it into place only when complete.
-
-    Yields ``<parent>/.<name>.partial`` (emptied first: a stale one is a crashed earlier attempt). On
-    success the old ``final_dir`` is swapped out and the new one renamed in; on any exception (Ctrl-C
-    included) the temporary folder is deleted and the exception propagates, leaving ``final_dir``
-    untouched. A crash mid-swap can at worst leave ``final_dir`` absent, which re-runs the step.
-    """
-    final = Path(final_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial")
-    old = final.with_name(f".{final.name}.old")
-    for stale in (tmp, old):
-        _remove(stale)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if fsync:
-            _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists() or final.is_symlink():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    _remove(old)
