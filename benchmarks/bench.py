@@ -28,11 +28,20 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llada_edge.config import BLOCK_SIZE as BLOCK
+
+if TYPE_CHECKING:  # annotations only: the heavy imports stay lazy (inside the functions)
+    import onnx
+    import torch
+
+    from llada_edge.config import BackboneConfig
+    from llada_edge.runtime import Pipeline
 
 PAST = 1024
 REAL_LAYERS = 20
@@ -80,7 +89,7 @@ def _timed(fn: Callable[[], object]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_pipeline(pipe, image_size: int, text_tokens: int, steps: int) -> dict:
+def run_pipeline(pipe: Pipeline, image_size: int, text_tokens: int, steps: int) -> dict:
     from llada_edge.runtime import prompts
     from llada_edge.runtime.sampler import BlockDiffusionSampler, SamplingConfig, left_pad
 
@@ -136,7 +145,7 @@ def tiny_part(args: argparse.Namespace) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _layer_feeds(cfg, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _layer_feeds(cfg: BackboneConfig, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"hidden": rng.standard_normal((rows, BLOCK, cfg.hidden_size)).astype(np.float32),
             "positions": np.tile(np.arange(PAST, PAST + BLOCK), (rows, 1)),
             "past_k": rng.standard_normal((rows, cfg.num_key_value_heads, PAST, cfg.head_dim)).astype(np.float32),
@@ -144,7 +153,8 @@ def _layer_feeds(cfg, rows: int, rng: np.random.Generator) -> dict[str, np.ndarr
             "attn_mask": np.ones((rows, BLOCK, PAST + BLOCK), bool)}
 
 
-def _torch_layer_ms(layer, cfg, feeds: dict[str, np.ndarray], dtype, repeats: int) -> float:
+def _torch_layer_ms(layer: torch.nn.Module, cfg: BackboneConfig, feeds: dict[str, np.ndarray], dtype: torch.dtype,
+                    repeats: int) -> float:
     import torch
 
     from llada_edge.model.backbone import mask_to_bias, rope_cos_sin, rope_inv_freq
@@ -157,16 +167,17 @@ def _torch_layer_ms(layer, cfg, feeds: dict[str, np.ndarray], dtype, repeats: in
         return median_ms(lambda: layer(h, cos, sin, bias, pk, pv), repeats)
 
 
-def _distinct_experts(ckpt: Path, cfg, rows: int) -> float:
+def _distinct_experts(ckpt: Path, cfg: BackboneConfig, rows: int) -> float:
     """Distinct experts a block routes to: layer 1's gate on the hidden states of real layers 0 and 1
     over embedded token blocks (mean of 8 blocks)."""
     import torch
 
     from llada_edge.checkpoint import CheckpointFolder
     from llada_edge.model import load_backbone_layer
-    from llada_edge.model.backbone import mask_to_bias, rope_cos_sin, rope_inv_freq
+    from llada_edge.model.backbone import MoE, mask_to_bias, rope_cos_sin, rope_inv_freq
 
     layer0, layer1 = load_backbone_layer(ckpt, 0), load_backbone_layer(ckpt, 1)
+    assert isinstance(layer1.mlp, MoE)  # layer 0 is the only dense layer
     embeddings = CheckpointFolder(ckpt).backbone.get("model.word_embeddings.weight", torch.float32)
     routed: list[torch.Tensor] = []
     hook = layer1.mlp.gate.register_forward_hook(lambda _m, _a, out: routed.append(out[1]))
@@ -215,15 +226,13 @@ def uni_part(args: argparse.Namespace, bandwidth: dict[str, float]) -> dict:
     cases = []
     for rows in (1, 2):
         feeds = _layer_feeds(cfg, rows, rng)
-        case = {"tokens": rows * BLOCK}
+        case: dict[str, float] = {"tokens": rows * BLOCK}
         for i in (0, 1):
-            case[f"layer{i}_ort_int4_ms"] = median_ms(lambda n=f"layer_{i}", f=feeds: sessions[n].run(None, f),
-                                                      args.repeats)
+            case[f"layer{i}_ort_int4_ms"] = median_ms(partial(sessions[f"layer_{i}"].run, None, feeds), args.repeats)
             for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                 case[f"layer{i}_torch_{tag}_ms"] = _torch_layer_ms(layers[dtype][i], cfg, feeds, dtype, args.repeats)
         head_feed = {"hidden": feeds["hidden"]}
-        case["head_image_ort_int4_ms"] = median_ms(lambda f=head_feed: sessions["head_image"].run(None, f),
-                                                   args.repeats)
+        case["head_image_ort_int4_ms"] = median_ms(partial(sessions["head_image"].run, None, head_feed), args.repeats)
         moe_layers = REAL_LAYERS - 1  # layer 0 is the only dense layer
         for tag in ("ort_int4", "torch_bf16", "torch_fp32"):
             case[f"step_{tag}_ms_20_layers"] = case[f"layer0_{tag}_ms"] + moe_layers * case[f"layer1_{tag}_ms"] + (
@@ -242,7 +251,7 @@ def uni_part(args: argparse.Namespace, bandwidth: dict[str, float]) -> dict:
     return {"past": PAST, "threads": os.cpu_count(), "cases": cases}
 
 
-def _initializer_bytes(model) -> dict[str, int]:
+def _initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
     from onnx import numpy_helper
 
     qmoe_inputs = {i for n in model.graph.node if n.op_type == "QMoE" for i in n.input[2:]}
@@ -339,7 +348,7 @@ def main() -> None:
     start = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     bandwidth = memory_bandwidth_gbs(64 if args.smoke else 512)
-    report = {"bandwidth": bandwidth, "tiny": tiny_part(args)}
+    report: dict[str, object] = {"bandwidth": bandwidth, "tiny": tiny_part(args)}
     if not args.smoke:
         report["uni"] = uni_part(args, bandwidth)
     report["seconds"] = time.perf_counter() - start

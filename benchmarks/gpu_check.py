@@ -41,13 +41,12 @@ def main() -> int:
     from llada_edge.runtime.backends.torch_backend import TorchBackend
     from llada_edge.runtime.sampler import BlockDiffusionSampler, SamplingConfig, left_pad
     from llada_edge.runtime.text import TextTokenizer
-    from llada_edge.synthetic import synthesize
+    from llada_edge.synthetic import COMPONENTS, synthesize
 
     ckpt = args.workdir / f"{args.preset}{args.layers}"
     if not (ckpt / "config.json").is_file():
-        components = ["backbone"] if args.preset == "uni" else None
-        synthesize(ckpt, args.preset, layers=args.layers, force=True,
-                   **({"components": components} if components else {}))
+        components: tuple[str, ...] = ("backbone",) if args.preset == "uni" else COMPONENTS  # synthesize's default
+        synthesize(ckpt, args.preset, layers=args.layers, components=components, force=True)
     report["device"] = torch.cuda.get_device_name(0)
     tok = TextTokenizer.from_file(ckpt / "tokenizer.json")
     results = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def main() -> None:
                  "past_k": rng.standard_normal((rows, 4, args.past, 128)).astype(np.float32),
                  "past_v": rng.standard_normal((rows, 4, args.past, 128)).astype(np.float32),
                  "attn_mask": np.ones((rows, t, args.past + t), bool)}
-        ort_ms = median_ms(lambda f=feeds: session.run(None, f), args.repeats)
+        ort_ms = median_ms(partial(session.run, None, feeds), args.repeats)
         case = {"tokens": rows * t, "onnxruntime_int4_ms": ort_ms}
         with torch.inference_mode():
             for dtype, name in ((torch.bfloat16, "torch_eager_bf16_ms"), (torch.float32, "torch_eager_fp32_ms")):
@@ -68,8 +69,7 @@ def main() -> None:
                 cos, sin = rope_cos_sin(torch.from_numpy(feeds["positions"]), rope_inv_freq(cfg), dtype)
                 bias = mask_to_bias(torch.from_numpy(feeds["attn_mask"])[:, None])
                 pk, pv = (torch.from_numpy(feeds[k]).to(dtype) for k in ("past_k", "past_v"))
-                case[name] = median_ms(lambda m=layer[dtype], h=h, c=cos, s=sin, b=bias, k=pk, v=pv:
-                                        m(h, c, s, b, k, v), args.repeats)
+                case[name] = median_ms(partial(layer[dtype], h, cos, sin, bias, pk, pv), args.repeats)
         case["speedup_vs_bf16"] = case["torch_eager_bf16_ms"] / ort_ms
         case["speedup_vs_fp32"] = case["torch_eager_fp32_ms"] / ort_ms
         results["cases"].append(case)

@@ -7,6 +7,7 @@ latent with the VAE. It prints what each stage produced and how long it took.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def run_reference(model_dir: str | Path, height: int = 256, width: int = 256, se
     latent = torch.randn(1, cfg.vae.latent_channels, 1, hl, wl)
     for mode in ("turbo", "normal"):
         dit = load_dit(ckpt, mode)
-        stage(f"dit ({mode})", lambda d=dit: d(latent, torch.tensor([0.5]), cap),
+        stage(f"dit ({mode})", functools.partial(dit, latent, torch.tensor([0.5]), cap),
               lambda x: f"velocity {list(x.shape)}, std {x.std():.3f}")
     vae = load_vae(ckpt)
     stage("vae decode", lambda: vae(latent[:, :, 0]), lambda x: f"image {list(x.shape)}, mean {x.mean():.3f}")

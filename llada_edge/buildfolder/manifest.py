@@ -55,7 +55,7 @@ def _canonical(obj: object) -> object:
         return Path(obj).as_posix()
     if isinstance(obj, np.ndarray):
         data = np.ascontiguousarray(obj)
-        return {"ndarray": str(data.dtype), "shape": list(data.shape), "sha256": hashlib.sha256(data).hexdigest()}
+        return {"ndarray": str(data.dtype), "shape": list(data.shape), "sha256": hashlib.sha256(data.data).hexdigest()}
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, (bytes, bytearray, memoryview)):

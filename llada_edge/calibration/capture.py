@@ -58,6 +58,7 @@ from llada_edge.calibration.requests import (
 from llada_edge.components import Registry
 from llada_edge.config import BLOCK_SIZE, ModelConfig
 from llada_edge.errors import InputError
+from llada_edge.model.backbone import MoE
 from llada_edge.runtime import Pipeline
 from llada_edge.runtime.backends.torch_backend import TorchBackend
 from llada_edge.runtime.text import TextTokenizer
@@ -96,9 +97,9 @@ class RecordingBackend:
         self._seen: dict[str, int] = defaultdict(int)
         self._rng = np.random.default_rng(0)
         self._handles: list[Any] = []
-        for layer, graph in zip(backend.backbone.model.layers, self.registry.layers, strict=True):
+        for layer, graph in zip(backend.backbone.decoder_layers(), self.registry.layers, strict=True):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(graph.name)))
-            if hasattr(layer.mlp, "gate"):
+            if isinstance(layer.mlp, MoE):
                 self._handles.append(layer.mlp.gate.register_forward_hook(self._gate_hook(graph.index)))
 
     # -- recording ------------------------------------------------------------------------------
@@ -217,12 +218,14 @@ class RecordingBackend:
                 if name in {layer.name for layer in self.registry.layers}:
                     samples = _pad_cache(samples)
                 # ModelOpt's calibration_data format: a dict of arrays concatenated along axis 0
-                np.savez(out_dir / f"{name}.npz", **{k: np.concatenate([s[k] for s in samples]) for k in samples[0]})
+                stacked: dict[str, Any] = {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
+                np.savez(out_dir / f"{name}.npz", **stacked)
             else:  # no common batch axis (tables, image sizes, code counts): one file per sample for a data reader
                 folder = out_dir / name
                 folder.mkdir(exist_ok=True)
                 for i, sample in enumerate(samples):
-                    np.savez(folder / f"{i:04d}.npz", **sample)
+                    arrays: dict[str, Any] = sample
+                    np.savez(folder / f"{i:04d}.npz", **arrays)
             counts[name] = len(samples)
         (out_dir / "expert_coverage.json").write_text(json.dumps(self.coverage_report(), indent=2) + "\n")
         return counts

@@ -19,6 +19,7 @@ everything else fp8; ``Recipe.with_overrides(dit="fp8")`` gives "backbone int4, 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from llada_edge.errors import InputError
 
@@ -46,8 +47,8 @@ class Recipe:
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise InputError(f"unknown weight kinds {sorted(unknown)} (expected some of {list(KINDS)})")
-        name = self.name + "".join(f"+{k}={v}" for k, v in sorted(kinds.items()))
-        return replace(self, name=name, **kinds)
+        changes: dict[str, Any] = {"name": self.name + "".join(f"+{k}={v}" for k, v in sorted(kinds.items())), **kinds}
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, str | int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

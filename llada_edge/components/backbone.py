@@ -107,10 +107,11 @@ class Layer(_BackboneComponent):
 
     def build_module(self, ckpt: CheckpointFolder, moe: str = "dense") -> nn.Module:
         from llada_edge.model import load_backbone_layer
+        from llada_edge.model.backbone import MoE
         from llada_edge.model.graphs import LayerGraph
 
         layer = load_backbone_layer(ckpt, self.index)
-        if self.is_moe:
+        if isinstance(layer.mlp, MoE):  # exactly the MoE layers (layer 0 is dense)
             if moe == "ort":
                 layer.mlp.pack_for_ort()
             else:

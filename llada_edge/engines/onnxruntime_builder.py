@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -166,7 +167,7 @@ def quantize_moe(model: onnx.ModelProto, fmt: str, int4_block: int) -> int:
             names = [f"{node.name}_{n}" for n in ("w1", "s1", "w2", "s2")]
             for name, arr in zip(names, (w1, s1, w2, s2), strict=True):
                 model.graph.initializer.append(numpy_helper.from_array(arr, name))
-            extra = {"block_size": block} if block else {}
+            extra: dict[str, Any] = {"block_size": block} if block else {}
             qmoe = helper.make_node(
                 "QMoE", [node.input[0], node.input[1], names[0], names[1], "", names[2], names[3]], list(node.output),
                 name=node.name + "_q", domain="com.microsoft", k=attrs["k"], activation_type="swiglu",

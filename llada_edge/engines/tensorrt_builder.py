@@ -59,7 +59,7 @@ def profile_shapes(entry: ComponentEntry) -> dict[str, tuple[list[int], list[int
     profile = entry.meta.get("profile", {})
     shapes = {}
     for name, sig in entry.inputs.items():
-        dims = [[], [], []]
+        dims: list[list[int]] = [[], [], []]
         for d in sig["shape"]:
             for i in range(3):
                 dims[i].append(profile[d][i] if isinstance(d, str) else d)
@@ -67,7 +67,8 @@ def profile_shapes(entry: ComponentEntry) -> dict[str, tuple[list[int], list[int
     return shapes
 
 
-def build_engine(trt, onnx_path: Path, plan_path: Path, shapes: dict, cache_path: Path) -> None:
+def build_engine(trt: Any, onnx_path: Path, plan_path: Path, shapes: dict[str, tuple[list[int], list[int], list[int]]],
+                 cache_path: Path) -> None:
     """Parse (strongly typed), set one optimisation profile, reuse the timing cache, serialise the plan."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -171,7 +171,7 @@ def _polygraphy_load_runs(src: Path) -> list[tuple[str, list[Feed]]]:
 
 
 def _save_npz(path: Path, iterations: list[Feed]) -> None:
-    arrays = {f"{i}/{name}": arr for i, it in enumerate(iterations) for name, arr in it.items()}
+    arrays: dict[str, Any] = {f"{i}/{name}": arr for i, it in enumerate(iterations) for name, arr in it.items()}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())

@@ -13,6 +13,7 @@ comparison can be rerun against a TensorRT engine on a GPU machine::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,8 @@ def validate_component(name: str, onnx_path: Path, cases: list[Case], references
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False  # give the memory back when the session closes (bounded export memory)
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    results, feeds = [], []
+    results: list[dict[str, Any]] = []
+    feeds: list[dict[str, np.ndarray]] = []
     for (label, feed), ref in zip(cases, references, strict=True):
         got = dict(zip(output_names, session.run(output_names, feed), strict=True))
         stats = compare(ref, got)

@@ -352,6 +352,10 @@ class LLaDA2Backbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The layers, typed (``nn.ModuleList`` items are plain modules to a type checker)."""
+        return [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
+
     def set_moe_impl(self, impl: str) -> None:
         """"loop" (eager) or "dense" (exportable); see :class:`MoE` ("ort" goes through pack_for_ort)."""
         if impl not in ("loop", "dense"):

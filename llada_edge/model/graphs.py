@@ -60,6 +60,8 @@ class SampleHeadGraph(nn.Module):
 class LayerGraph(nn.Module):
     """One decoder layer: the block attends to the past K/V plus itself, as ``attn_mask`` allows."""
 
+    inv_freq: torch.Tensor  # a registered buffer (the torch stubs type attributes as Tensor | Module)
+
     def __init__(self, layer: DecoderLayer, cfg: BackboneConfig) -> None:
         super().__init__()
         self.layer = layer

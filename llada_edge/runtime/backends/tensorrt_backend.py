@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from llada_edge.buildfolder import Artifact, Manifest
 from llada_edge.config import ModelConfig
@@ -56,7 +57,7 @@ def _ok(result: Any) -> Any:
 
 
 class _DeviceArray:
-    def __init__(self, cudart: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, cudart: Any, shape: tuple[int, ...], dtype: npt.DTypeLike) -> None:
         self.cudart, self.shape, self.dtype = cudart, tuple(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.ptr = _ok(cudart.cudaMalloc(max(self.nbytes, 1)))
@@ -95,7 +96,7 @@ class _Step:
 
 class TensorRTBackend(EngineSession[_Step]):
     name = "tensorrt"
-    fused_head_kinds = ("text", "image")
+    fused_head_kinds: tuple[str, ...] = ("text", "image")
 
     def __init__(self, build_dir: str | Path, precision: str = "fp32", cuda_graphs: bool = True,
                  verify: bool = True) -> None:

@@ -28,7 +28,7 @@ from llada_edge.checkpoint import CheckpointFolder
 from llada_edge.config import BLOCK_SIZE
 from llada_edge.errors import InputError
 from llada_edge.model import load_backbone, load_dit, load_sigvq, load_vae, load_vision_tokenizer
-from llada_edge.model.backbone import LLaDA2Backbone, guided_greedy
+from llada_edge.model.backbone import KVCache, LLaDA2Backbone, guided_greedy
 from llada_edge.runtime.backends.engine_session import CacheCounters, check_capacity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,7 +41,7 @@ class _CapturedStep:
     place), so a replay always sees the current cache. Inputs are copied into the static buffers.
     """
 
-    def __init__(self, backbone: torch.nn.Module, past: list, ids: torch.Tensor, positions: torch.Tensor,
+    def __init__(self, backbone: LLaDA2Backbone, past: KVCache, ids: torch.Tensor, positions: torch.Tensor,
                  key_mask: torch.Tensor) -> None:
         self.ids, self.positions, self.key_mask = ids.clone(), positions.clone(), key_mask.clone()
 
@@ -68,7 +68,7 @@ class _CapturedStep:
 
 class TorchBackend(CacheCounters):
     name = "torch"
-    fused_head_kinds = ("text", "image")
+    fused_head_kinds: tuple[str, ...] = ("text", "image")
     provides_key_importance = True  # attention mass per cached key, from probes in the reference attention
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -232,7 +232,7 @@ class TorchBackend(CacheCounters):
     def forward_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray,
                       key_importance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         probes: list[torch.Tensor] = []
-        attentions = [layer.attention for layer in self.backbone.model.layers]
+        attentions = [layer.attention for layer in self.backbone.decoder_layers()]
         if key_importance and not self.kv_cache:
             raise InputError("SPRINT key importance needs the KV cache")
         for attn in attentions:
