@@ -247,3 +247,24 @@ def test_sprint_config_validation() -> None:
         SprintConfig(cache_warmup_steps=0)
     with pytest.raises(InputError, match="steps per block"):
         SamplingConfig(steps=0)
+
+
+def test_block_size_reaches_the_backend_and_shapes_every_block(scripted) -> None:
+    backend = scripted(random_logits(64))
+    starts: list[int] = []
+    start = backend.start
+    backend.start = lambda rows, capacity, block_size=32: (starts.append(block_size), start(rows, capacity))
+    res = BlockDiffusionSampler(backend, "text", SamplingConfig(steps=4, block_size=16)).generate(
+        left_pad([list(range(1, 21))], MASK), 28)  # 20 prompt tokens: one prefilled block of 16
+    assert starts == [16]
+    assert [c[1].shape[1] for c in backend.calls if c[0] in ("prefill", "block", "commit")] == [16] + [16] * (
+        len([c for c in backend.calls if c[0] in ("block", "commit")]))
+    assert res.tokens.shape == (28,) and res.step_counts == [3, 4]  # 12 masks in the mixed block, then 16
+
+
+def test_sprint_pruning_needs_a_backend_with_attention_mass(scripted) -> None:
+    backend = scripted(random_logits(64))
+    backend.provides_key_importance = False
+    with pytest.raises(InputError, match="scripted backend does not provide"):
+        BlockDiffusionSampler(backend, "text", SamplingConfig(), SprintConfig(keep_ratio=0.5))
+    BlockDiffusionSampler(backend, "text", SamplingConfig(), SprintConfig(keep_ratio=1.0))  # nothing to prune
