@@ -15,15 +15,35 @@ the abstract hooks; the order of calls, the masks, the capacity checks and the c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from llada_edge.components import Registry
 from llada_edge.config import BLOCK_SIZE, ModelConfig
 from llada_edge.errors import InputError
 
-StepT = TypeVar("StepT")
+ArrayT = TypeVar("ArrayT")  # host numpy arrays, or device buffers
+Allocate = Callable[[tuple[int, ...], npt.DTypeLike], Any]  # (shape, dtype) -> a zeroed buffer
+
+
+@dataclass
+class StepBuffers(Generic[ArrayT]):
+    """The I/O of one (rows, tokens) step shape, allocated once: ids/positions [B, T], attn_mask [B, T, capacity+T],
+    two hidden [B, T, D] buffers the graphs ping-pong between, and each layer's block K/V [B, Hkv, T, hd]."""
+
+    ids: ArrayT
+    positions: ArrayT
+    mask: ArrayT
+    hidden: tuple[ArrayT, ArrayT]
+    k_blk: list[ArrayT]
+    v_blk: list[ArrayT]
+
+
+StepT = TypeVar("StepT", bound=StepBuffers[Any])
 
 
 class CacheCounters:
@@ -67,7 +87,7 @@ def fill_step_mask(out: np.ndarray, cache_valid: np.ndarray, keep: np.ndarray | 
 
 class EngineSession(CacheCounters, ABC, Generic[StepT]):
     """The backbone half of the Backend protocol over per-component graphs; ``StepT`` is a backend's buffers
-    for one (rows, tokens) step shape."""
+    for one (rows, tokens) step shape (:class:`StepBuffers` plus what the backend keeps with them)."""
 
     provides_key_importance = False  # the graphs output no attention scores (SPRINT pruning needs them)
 
@@ -79,12 +99,45 @@ class EngineSession(CacheCounters, ABC, Generic[StepT]):
         self._block_size = BLOCK_SIZE
         self._len = 0
         self._passes = 0
+        self._k: list[Any] = []  # per layer: the K cache [rows, Hkv, capacity, hd] (host or device buffers)
+        self._v: list[Any] = []
+
+    # -- shared by the backends --------------------------------------------------------------------
+
+    def _cache_shape(self, rows: int, capacity: int) -> tuple[int, int, int, int]:
+        b = self.config.backbone
+        return rows, b.num_key_value_heads, capacity, b.head_dim
+
+    def _step_arrays(self, allocate: Allocate, rows: int, tokens: int) -> dict[str, Any]:
+        """The :class:`StepBuffers` fields of a step shape, from the backend's allocator (keywords for its class)."""
+        b = self.config.backbone
+        block_kv = self._cache_shape(rows, tokens)
+        layers = self.registry.layers
+        return {"ids": allocate((rows, tokens), np.int64), "positions": allocate((rows, tokens), np.int64),
+                "mask": allocate((rows, tokens, self._valid.shape[1] + tokens), np.bool_),
+                "hidden": tuple(allocate((rows, tokens, b.hidden_size), np.float32) for _ in range(2)),
+                "k_blk": [allocate(block_kv, np.float32) for _ in layers],
+                "v_blk": [allocate(block_kv, np.float32) for _ in layers]}
+
+    def _step_graphs(self, step: StepT) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """(component, inputs, outputs) of each graph of a backbone pass, in order: embed, then every layer
+        reading one hidden buffer and writing the other; the result lands in :meth:`_final_hidden`."""
+        embed = self.registry.embed
+        yield embed.name, embed.feeds(step.ids), embed.outputs(step.hidden[0])
+        cur, nxt = step.hidden
+        for i, layer in enumerate(self.registry.layers):
+            yield (layer.name, layer.feeds(cur, step.positions, self._k[i], self._v[i], step.mask),
+                   layer.outputs(nxt, step.k_blk[i], step.v_blk[i]))
+            cur, nxt = nxt, cur
+
+    def _final_hidden(self, step: StepT) -> Any:
+        return step.hidden[len(self.registry.layers) % 2]
 
     # -- what a backend supplies -------------------------------------------------------------------
 
     @abstractmethod
     def _allocate_cache(self, rows: int, capacity: int) -> None:
-        """(Re)allocate every layer's K/V cache [rows, Hkv, capacity, hd]; step buffers of the old shape go."""
+        """(Re)allocate ``_k``/``_v`` (:meth:`_cache_shape` per layer); step buffers of the old shape go."""
 
     def _reset_cache(self) -> None:
         """Prepare the cache for a new request (nothing by default: invalid entries are masked anyway)."""

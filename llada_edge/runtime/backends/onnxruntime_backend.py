@@ -23,19 +23,13 @@ import numpy as np
 from llada_edge.buildfolder import Artifact, Manifest
 from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
-from llada_edge.runtime.backends.engine_session import EngineSession
+from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffers
 
 
 @dataclass
-class _Buffers:
-    """Preallocated I/O of one (rows, tokens) shape."""
+class _Buffers(StepBuffers[np.ndarray]):
+    """Preallocated I/O of one (rows, tokens) shape, bound to the graphs in place."""
 
-    ids: np.ndarray
-    positions: np.ndarray
-    mask: np.ndarray  # attn_mask [B, T, capacity+T]
-    hidden: tuple[np.ndarray, np.ndarray]
-    k_blk: list[np.ndarray]
-    v_blk: list[np.ndarray]
     # head outputs, allocated on first use: a prefill shape never runs a head, and full-vocabulary
     # logits for a whole prompt would be rows x prompt x 173568 floats
     heads: dict[str, np.ndarray] = field(default_factory=dict)
@@ -70,8 +64,6 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         self._providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, Any] = {}  # onnxruntime.InferenceSession per component
         self._bindings: dict[str, Any] = {}
-        self._k: list[np.ndarray] = []
-        self._v: list[np.ndarray] = []
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         # Heads whose fused graph pays off. Measured on the CPU provider (tiny preset, 32-token steps):
         # the 16384-way image head runs 1.6x faster fused, but ORT's exp + reductions over the 173568-way
@@ -113,8 +105,7 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
     # -- the engine session's hooks ---------------------------------------------------------------------
 
     def _allocate_cache(self, rows: int, capacity: int) -> None:
-        b = self.config.backbone
-        shape = (rows, b.num_key_value_heads, capacity, b.head_dim)
+        shape = self._cache_shape(rows, capacity)
         self._k = [np.zeros(shape, np.float32) for _ in self.registry.layers]
         self._v = [np.zeros(shape, np.float32) for _ in self.registry.layers]
         self._buffers.clear()
@@ -122,16 +113,7 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
     def _step_buffers(self, rows: int, tokens: int) -> _Buffers:
         key = (rows, tokens)
         if key not in self._buffers:
-            b = self.config.backbone
-            kv = (rows, b.num_key_value_heads, tokens, b.head_dim)
-            capacity = self._valid.shape[1]
-            self._buffers[key] = _Buffers(
-                ids=np.zeros((rows, tokens), np.int64), positions=np.zeros((rows, tokens), np.int64),
-                mask=np.zeros((rows, tokens, capacity + tokens), bool),
-                hidden=(np.zeros((rows, tokens, b.hidden_size), np.float32),
-                        np.zeros((rows, tokens, b.hidden_size), np.float32)),
-                k_blk=[np.zeros(kv, np.float32) for _ in self.registry.layers],
-                v_blk=[np.zeros(kv, np.float32) for _ in self.registry.layers])
+            self._buffers[key] = _Buffers(**self._step_arrays(np.zeros, rows, tokens))
         return self._buffers[key]
 
     def _mask_of(self, step: _Buffers) -> np.ndarray:
@@ -140,14 +122,8 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
     def _launch(self, step: _Buffers, ids: np.ndarray, positions: np.ndarray, graphable: bool) -> None:
         step.ids[:] = ids
         step.positions[:] = positions
-        embed = self.registry.embed
-        self._run_bound(embed.name, embed.feeds(step.ids), embed.outputs(step.hidden[0]))
-        cur, nxt = step.hidden
-        for i, layer in enumerate(self.registry.layers):
-            self._run_bound(layer.name, layer.feeds(cur, step.positions, self._k[i], self._v[i], step.mask),
-                            layer.outputs(nxt, step.k_blk[i], step.v_blk[i]))
-            cur, nxt = nxt, cur
-        step.hidden = (cur, nxt)  # the final hidden state is hidden[0]
+        for name, inputs, outputs in self._step_graphs(step):
+            self._run_bound(name, inputs, outputs)
 
     def _store_block(self, step: _Buffers, start: int, tokens: int) -> None:
         for i in range(len(self.registry.layers)):  # a copy into the preallocated cache
@@ -155,7 +131,7 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
             self._v[i][:, :, start:start + tokens] = step.v_blk[i]
 
     def _hidden_of(self, step: _Buffers) -> np.ndarray:
-        return step.hidden[0]
+        return np.asarray(self._final_hidden(step))
 
     # -- heads -----------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from llada_edge.buildfolder import Artifact, Manifest
 from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
-from llada_edge.runtime.backends.engine_session import EngineSession
+from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffers
 
 INSTALL_HINT = ("the tensorrt backend needs TensorRT and cuda-python (pip install tensorrt cuda-python, from "
                 "NVIDIA's index) and an NVIDIA GPU; use --backend onnxruntime on this machine")
@@ -79,19 +79,12 @@ class _DeviceArray:
 
 
 @dataclass
-class _Step:
+class _Step(StepBuffers[_DeviceArray]):
     """Device buffers of one (rows, tokens) shape, its host-side mask buffer, and its captured graph."""
 
-    ids: _DeviceArray
-    positions: _DeviceArray
-    mask: _DeviceArray
-    host_mask: np.ndarray  # attn_mask written on the host, then uploaded into ``mask``
-    hidden: tuple[_DeviceArray, _DeviceArray]
-    k_blk: list[_DeviceArray]
-    v_blk: list[_DeviceArray]
+    host_mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), bool))  # uploaded into ``mask``
     graph: Any = None
     captured: bool = False
-    extra: dict[str, _DeviceArray] = field(default_factory=dict)
 
 
 class TensorRTBackend(EngineSession[_Step]):
@@ -112,8 +105,6 @@ class TensorRTBackend(EngineSession[_Step]):
         self._runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self._engines: dict[str, tuple[Any, Any]] = {}
         self.stream = _ok(self.cudart.cudaStreamCreate())
-        self._k: list[_DeviceArray] = []
-        self._v: list[_DeviceArray] = []
         self._steps: dict[tuple[int, int], _Step] = {}
 
     # -- engines ----------------------------------------------------------------------------------
@@ -165,8 +156,7 @@ class TensorRTBackend(EngineSession[_Step]):
     # -- the engine session's hooks ---------------------------------------------------------------------
 
     def _allocate_cache(self, rows: int, capacity: int) -> None:
-        b = self.config.backbone
-        shape = (rows, b.num_key_value_heads, capacity, b.head_dim)
+        shape = self._cache_shape(rows, capacity)
         for buf in [*self._k, *self._v]:
             buf.free()
         self._k = [_DeviceArray(self.cudart, shape, np.float32) for _ in self.registry.layers]
@@ -179,31 +169,20 @@ class TensorRTBackend(EngineSession[_Step]):
 
     def _step_buffers(self, rows: int, tokens: int) -> _Step:
         if (rows, tokens) not in self._steps:
-            b, cu = self.config.backbone, self.cudart
-            kv = (rows, b.num_key_value_heads, tokens, b.head_dim)
-            capacity = self._valid.shape[1]
-            self._steps[(rows, tokens)] = _Step(
-                ids=_DeviceArray(cu, (rows, tokens), np.int64), positions=_DeviceArray(cu, (rows, tokens), np.int64),
-                mask=_DeviceArray(cu, (rows, tokens, capacity + tokens), np.bool_),
-                host_mask=np.zeros((rows, tokens, capacity + tokens), bool),
-                hidden=(_DeviceArray(cu, (rows, tokens, b.hidden_size), np.float32),
-                        _DeviceArray(cu, (rows, tokens, b.hidden_size), np.float32)),
-                k_blk=[_DeviceArray(cu, kv, np.float32) for _ in self.registry.layers],
-                v_blk=[_DeviceArray(cu, kv, np.float32) for _ in self.registry.layers])
+            def allocate(shape: tuple[int, ...], dtype: npt.DTypeLike) -> _DeviceArray:
+                return _DeviceArray(self.cudart, shape, dtype)
+
+            step = _Step(**self._step_arrays(allocate, rows, tokens))
+            step.host_mask = np.zeros(step.mask.shape, bool)
+            self._steps[(rows, tokens)] = step
         return self._steps[(rows, tokens)]
 
     def _mask_of(self, step: _Step) -> np.ndarray:
         return step.host_mask
 
     def _enqueue_layers(self, step: _Step) -> None:
-        embed = self.registry.embed
-        self._enqueue(embed.name, embed.feeds(step.ids), embed.outputs(step.hidden[0]))
-        cur, nxt = step.hidden
-        for i, layer in enumerate(self.registry.layers):
-            self._enqueue(layer.name, layer.feeds(cur, step.positions, self._k[i], self._v[i], step.mask),
-                          layer.outputs(nxt, step.k_blk[i], step.v_blk[i]))
-            cur, nxt = nxt, cur
-        step.extra["out"] = cur
+        for name, inputs, outputs in self._step_graphs(step):
+            self._enqueue(name, inputs, outputs)
 
     def _launch(self, step: _Step, ids: np.ndarray, positions: np.ndarray, graphable: bool) -> None:
         """Upload the inputs in place, then: eager enqueue the first time, and for graphable (block) shapes
@@ -244,7 +223,8 @@ class TensorRTBackend(EngineSession[_Step]):
                                          self.stream))
 
     def _hidden_of(self, step: _Step) -> np.ndarray:
-        return step.extra["out"].download(self.stream)
+        out: _DeviceArray = self._final_hidden(step)
+        return out.download(self.stream)
 
     # -- heads and image side ---------------------------------------------------------------------
 
