@@ -19,6 +19,7 @@ without a CUDA device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,19 +111,11 @@ class TorchBackend(CacheCounters):
             self._backbone.set_moe_impl(self.moe_impl)
         return self._backbone
 
-    def _component(self, name: str) -> torch.nn.Module:
-        if name not in self._components:
-            module: torch.nn.Module
-            if name == "tokenizer":
-                module = load_vision_tokenizer(self.ckpt, torch.float32)  # ids are compared in fp32
-            elif name == "sigvq":
-                module = load_sigvq(self.ckpt, self.dtype)
-            elif name.startswith("dit:"):
-                module = load_dit(self.ckpt, name.split(":", 1)[1], self.dtype)
-            else:
-                module = load_vae(self.ckpt, self.dtype)
-            self._components[name] = module.to(self.device)
-        return self._components[name]
+    def _component(self, key: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """A reference module, loaded on first use (an understanding request never loads the decoders)."""
+        if key not in self._components:
+            self._components[key] = load().to(self.device)
+        return self._components[key]
 
     def _t(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -287,17 +280,21 @@ class TorchBackend(CacheCounters):
 
     @torch.inference_mode()
     def tokenize_image(self, pixels: np.ndarray) -> np.ndarray:
-        return self._component("tokenizer")(self._t(pixels).float()).cpu().numpy().astype(np.int64)
+        # fp32 whatever the backend dtype: the ids are an argmax over cosine similarities
+        tokenizer = self._component("tokenizer", lambda: load_vision_tokenizer(self.ckpt, torch.float32))
+        return tokenizer(self._t(pixels).float()).cpu().numpy().astype(np.int64)
 
     @torch.inference_mode()
     def sigvq(self, ids: np.ndarray) -> np.ndarray:
-        return self._component("sigvq")(self._t(ids).long()).float().cpu().numpy()
+        sigvq = self._component("sigvq", lambda: load_sigvq(self.ckpt, self.dtype))
+        return sigvq(self._t(ids).long()).float().cpu().numpy()
 
     @torch.inference_mode()
     def dit(self, mode: str, latent: np.ndarray, t: np.ndarray, cap: np.ndarray) -> np.ndarray:
-        model = self._component(f"dit:{mode}")
+        model = self._component(f"dit_{mode}", lambda: load_dit(self.ckpt, mode, self.dtype))
         return model(self._t(latent).float(), self._t(t).float(), self._t(cap).float()).float().cpu().numpy()
 
     @torch.inference_mode()
     def vae_decode(self, latent: np.ndarray) -> np.ndarray:
-        return self._component("vae")(self._t(latent).float()).float().cpu().numpy()
+        vae = self._component("vae", lambda: load_vae(self.ckpt, self.dtype))
+        return vae(self._t(latent).float()).float().cpu().numpy()
