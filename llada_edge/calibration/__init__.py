@@ -1,1 +1,1 @@
-"""Calibration sets, activation capture inside the real sampling loops, and precision recipes."""
+"""Request sets, activation capture inside the real sampling loops (a recording backend), precision recipes."""

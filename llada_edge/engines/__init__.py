@@ -1,1 +1,1 @@
-"""Build folders: the manifest, and engine builders for TensorRT and ONNX Runtime."""
+"""Engine builders (ONNX Runtime CPU rewrites, ModelOpt Q/DQ graphs, TensorRT plans) and the accuracy report."""

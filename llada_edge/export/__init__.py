@@ -1,1 +1,1 @@
-"""ONNX export of every component, numeric validation, and graph checks."""
+"""ONNX export of every component (one build step each), numeric validation, Polygraphy files, TensorRT op checks."""
