@@ -55,9 +55,10 @@ MOE_LOWERINGS = ("dense", "ort")
 EXPORTER_VERSION = 1  # bump when a graph changes, so older exports are rebuilt
 ISOLATE_BYTES = 256 * 1024 * 1024  # components above this are exported in a fresh process
 DEFAULT_OPSET = 20
+# What the runtime needs from the checkpoint (no weights), copied to BUILD/model.
 MODEL_FILES_COPIED = ["config.json", "tokenizer.json", "tokenizer_config.json", "image_tokenizer/config.json",
-               "image_tokenizer/preprocessor_config.json", "decoder/config.json", "decoder-turbo/config.json",
-               "vae/config.json"]
+                      "image_tokenizer/preprocessor_config.json", "decoder/config.json", "decoder-turbo/config.json",
+                      "vae/config.json"]
 LIBRARIES = ["llada-edge", "torch", "onnx", "onnxruntime", "onnxscript", "nvidia-modelopt", "tensorrt"]
 
 Progress = Callable[[str], None]
