@@ -63,10 +63,13 @@ class TensorInfo:
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header and check every tensor's byte range against the file."""
+    """Parse one safetensors file's header and check it the way the format defines it: every entry a dtype, a
+    shape of non-negative integers and ``data_offsets`` [begin, end] matching them, and the byte ranges tiling
+    the data area exactly (from 0, no gap, no overlap, up to the end of the file), as the safetensors library
+    requires. Anything else would read garbage or other tensors' bytes."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError("file not found", file=path)
+        raise CheckpointError("file not found" if not path.exists() else "not a regular file", file=path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         raw_len = fh.read(8)
@@ -74,35 +77,66 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"truncated safetensors file ({size} bytes, no header)", file=path)
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(f"corrupted or truncated safetensors header (declares {header_len} header "
-                                  f"bytes, file has {size})", file=path)
+            raise CheckpointError(f"corrupted or truncated safetensors header (the header length does not fit "
+                                  f"the file's {size} bytes)", file=path)
         raw = fh.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"corrupted safetensors header ({exc})", file=path) from None
+    except RecursionError:
+        raise CheckpointError("corrupted safetensors header (nested too deeply)", file=path) from None
     if not isinstance(header, dict):
         raise CheckpointError("corrupted safetensors header (not a JSON object)", file=path)
     data_start = 8 + header_len
-    out: dict[str, TensorInfo] = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError("corrupted header entry", file=path, key=key) from None
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"unsupported dtype {dtype!r}", file=path, key=key)
-        info = TensorInfo(key, path, dtype, shape, data_start + begin, data_start + end)
-        if info.nbytes != info.numel * DTYPE_SIZES[dtype] or begin > end:
-            raise CheckpointError(f"byte range {begin}..{end} does not match shape {list(shape)} {dtype}",
-                                  file=path, key=key)
-        if info.end > size:
-            raise CheckpointError(f"truncated: tensor needs bytes up to {info.end}, file has {size}",
-                                  file=path, key=key)
-        out[key] = info
+    out = {key: _tensor_info(path, key, entry, data_start) for key, entry in header.items() if key != "__metadata__"}
+    _check_tiling(path, sorted(out.values(), key=lambda i: (i.begin, i.end)), data_start, size)
     return out
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(path: Path, key: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CheckpointError("corrupted header entry (not an object)", file=path, key=key)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}", file=path, key=key)
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise CheckpointError(f"corrupted header entry: shape {shape!r} is not a list of non-negative integers",
+                              file=path, key=key)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+        raise CheckpointError(f"corrupted header entry: data_offsets {offsets!r} is not two non-negative integers",
+                              file=path, key=key)
+    begin, end = offsets
+    info = TensorInfo(key, path, dtype, tuple(shape), data_start + begin, data_start + end)
+    if begin > end or info.nbytes != info.numel * DTYPE_SIZES[dtype]:
+        raise CheckpointError(f"byte range {begin}..{end} does not match shape {list(shape)} {dtype}",
+                              file=path, key=key)
+    return info
+
+
+def _check_tiling(path: Path, infos: list[TensorInfo], data_start: int, size: int) -> None:
+    position = data_start
+    for info in infos:
+        if info.begin != position:
+            what = "overlaps the previous tensor" if info.begin < position else "leaves a gap before it"
+            raise CheckpointError(f"invalid data_offsets: the byte range {what}", file=path, key=info.key)
+        position = info.end
+    if position > size:
+        key = infos[-1].key if infos else None
+        raise CheckpointError(f"truncated: tensor needs bytes up to {position}, file has {size}", file=path, key=key)
+    if position < size:
+        raise CheckpointError(f"invalid data_offsets: {size - position} bytes after the last tensor belong to none",
+                              file=path)
+
+
+def _inside(relative: str) -> bool:
+    """A relative path that stays in its folder (links are the user's own business: hub caches use them)."""
+    norm = os.path.normpath(relative)
+    return bool(relative) and not os.path.isabs(relative) and norm != ".." and not norm.startswith(("../", "..\\"))
 
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
@@ -161,6 +195,8 @@ class TensorReader:
                                   file=index) from None
         by_shard: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
+            if not isinstance(shard, str) or not _inside(shard):
+                raise CheckpointError(f"shard {shard!r} is not a file of the checkpoint folder", file=index, key=key)
             by_shard.setdefault(shard, []).append(key)
         tensors: dict[str, TensorInfo] = {}
         files = []

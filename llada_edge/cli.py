@@ -8,10 +8,11 @@
 * ``demo``      -> :func:`llada_edge.demo.run_demo`
 * ``build``     -> :func:`llada_edge.engines.build.build_engines`
 * ``calibrate`` -> :func:`llada_edge.calibration.capture.calibrate_build`
-* ``quantize``  -> :func:`llada_edge.engines.build.ensure_qdq_graphs` (TensorRT Q/DQ graphs, on the CPU)
+* ``quantize``  -> :func:`llada_edge.engines.build.quantize_build` (TensorRT Q/DQ graphs, on the CPU)
 
-Bad input (a broken folder, a wrong size...) exits with code 2 and a one-line reason on stderr,
-never a traceback; an export whose numeric validation fails exits with code 1.
+Bad input (a broken folder, a wrong size...) and a failing environment (a full disk, a read-only
+folder) exit with code 2 and a one-line reason on stderr, never a traceback; an export whose numeric
+validation fails, and an internal error, exit with code 1 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from llada_edge.runtime.requests import Request
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 def _progress(msg: str) -> None:
@@ -115,15 +118,19 @@ def run_request(args: argparse.Namespace) -> Request:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from llada_edge.runtime import BackendOptions, ImageResult, Pipeline
+    from llada_edge.runtime.images import output_format
     from llada_edge.runtime.pipeline import stderr_progress
 
     request = run_request(args)  # bad options fail before any model is loaded
+    out = Path(args.out or f"{args.task}.png")
+    if args.task in ("t2i", "edit"):
+        output_format(out)  # and an output that cannot be written fails before the generation, not after
     pipe = Pipeline.load(args.model, backend=args.backend, progress=None if args.quiet else stderr_progress,
                          options=BackendOptions(args.precision, args.device, args.dtype))
     result = pipe.run(request)
     outputs: list[str] = []
     if isinstance(result, ImageResult):
-        outputs.append(str(result.save(Path(args.out or f"{args.task}.png"))))
+        outputs.append(str(result.save(out)))
     payload = result.to_dict()
     payload.update({"task": args.task, "backend": pipe.backend.name, "outputs": outputs})
     if args.json:
@@ -167,14 +174,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from llada_edge.buildfolder import Manifest
-    from llada_edge.calibration.recipes import get_recipe, parse_overrides
-    from llada_edge.engines.build import ensure_qdq_graphs
+    from llada_edge.calibration.recipes import parse_overrides
+    from llada_edge.engines.build import quantize_build
 
-    build = Path(args.build).absolute()
-    sources = ensure_qdq_graphs(build, Manifest.load(build), get_recipe(args.precision, parse_overrides(args.override)),
-                                _progress)
-    print(f"{build}: {sum(1 for p in sources.values() if 'quant' in p.parts)} Q/DQ graphs for TensorRT")
+    sources = quantize_build(args.build, args.precision, parse_overrides(args.override), _progress)
+    print(f"{args.build}: {sum(1 for p in sources.values() if 'quant' in p.parts)} Q/DQ graphs for TensorRT")
     return 0
 
 
@@ -194,11 +198,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llada_edge.config import MAX_CONFIG_BYTES, MAX_EXPERTS, MAX_LAYERS
     from llada_edge.synthetic import COMPONENTS, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="llada-edge",
-        description="Export toolchain and lean runtime for LLaDA2.0-Uni. Each subcommand has its own --help.")
+        description="Export toolchain and lean runtime for LLaDA2.0-Uni. Each subcommand has its own --help. "
+        "Bad input exits with code 2 and one line naming the file and key; an internal error exits with code 1 "
+        f"and a short message. Configs are refused beyond {MAX_LAYERS} layers, {MAX_EXPERTS} experts or "
+        f"{MAX_CONFIG_BYTES >> 20} MiB.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an internal error (also: LLADA_EDGE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a deterministic synthetic checkpoint in the upstream layout",
@@ -310,8 +320,16 @@ def _default(kind: type, name: str) -> Any:
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     from llada_edge.runtime.backends import BACKENDS, BackendOptions
-    from llada_edge.runtime.decode import DECODE_MODES
-    from llada_edge.runtime.requests import T2I_MODES, EditOptions, ImageOptions, T2IOptions, TextOptions
+    from llada_edge.runtime.decode import DECODE_MODES, MAX_DECODE_STEPS
+    from llada_edge.runtime.images import MAX_INPUT_PIXELS
+    from llada_edge.runtime.requests import (
+        MAX_GUIDANCE,
+        T2I_MODES,
+        EditOptions,
+        ImageOptions,
+        T2IOptions,
+        TextOptions,
+    )
     from llada_edge.runtime.sampler import SamplingConfig, SprintConfig
 
     def dflt(kind: type, name: str) -> str:
@@ -322,7 +340,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
         description="Run one request through the runtime. Text goes to stdout, images to a PNG (--out); --json "
         "prints one JSON object with the generated token ids, text, output paths, timings and forward passes. "
         "Progress goes to stderr. Every option maps onto a field of the typed requests in "
-        "llada_edge.runtime.requests, which hold the defaults.")
+        "llada_edge.runtime.requests, which hold the defaults. Limits: input images up to "
+        f"{MAX_INPUT_PIXELS:,} pixels, decoder steps up to {MAX_DECODE_STEPS}, guidance scales within "
+        f"+-{MAX_GUIDANCE:g}, threshold in [0, 1], the prompt plus the generation within the model's positions.")
     p.add_argument("task", choices=("understand", "chat", "t2i", "edit"))
     p.add_argument("--model", required=True, help="checkpoint folder (torch) or build folder (onnxruntime)")
     p.add_argument("--backend", default="auto", help=f"engine backend: {', '.join(BACKENDS)} (default auto: "
@@ -354,7 +374,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-mode", choices=sorted(DECODE_MODES),
                    help="image decoder: turbo (8 steps) or normal (50 steps with CFG) "
                    f"({dflt(ImageOptions, 'decode_mode')})")
-    p.add_argument("--decode-steps", type=int, help="decoder steps (default: turbo 8, normal 50)")
+    p.add_argument("--decode-steps", type=int,
+                   help=f"decoder steps, up to {MAX_DECODE_STEPS} (default: turbo 8, normal 50)")
     p.add_argument("--sprint", dest="use_sprint", action="store_true",
                    help="SPRINT acceleration (understand, chat, t2i)")
     p.add_argument("--keep-ratio", type=float, help=f"SPRINT prefix keep ratio ({dflt(SprintConfig, 'keep_ratio')})")
@@ -363,7 +384,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sprint-threshold", type=float,
                    help=f"SPRINT batch acceptance ({dflt(SprintConfig, 'threshold')})")
     p.add_argument("--seed", type=int, help="seed of sampling and decoder noise (default 0)")
-    p.add_argument("--out", help="output PNG (t2i, edit; default <task>.png)")
+    p.add_argument("--out", help="output image (t2i, edit): the suffix picks the format (.png, .jpg, .webp); "
+                   "default <task>.png")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_run)
@@ -373,14 +395,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    debug = args.debug or os.environ.get("LLADA_EDGE_DEBUG") == "1"
+    where = f"llada-edge {args.command}"
     try:
         return func(args)
     except LladaEdgeError as exc:
-        print(f"llada-edge {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{where}: error: {exc}", file=sys.stderr)
         return 1 if type(exc).__name__ == "ValidationFailed" else EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"llada-edge {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the environment: a full disk, a read-only file system, a permission
+        if debug:
+            raise
+        target = f"{exc.filename}: " if exc.filename else ""
+        print(f"{where}: error: {target}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if debug:
+            raise
+        message = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"{where}: internal error: {type(exc).__name__}: {message} (run `llada-edge --debug "
+              f"{args.command} ...` for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

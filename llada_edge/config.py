@@ -33,6 +33,14 @@ from llada_edge.errors import ConfigError
 # block-causal prefill mask and the token axis of the exported graphs' profiles all read it from here.
 BLOCK_SIZE = 32
 
+# Bounds on what a config may declare, so a corrupted or hostile file fails at once instead of sizing an
+# unbounded model: layer and expert counts, any other integer (dimensions, vocabulary, positions, token ids),
+# and the file itself. LLaDA2.0-Uni is 20 layers x 256 experts, vocabulary 173,568, 8,192 positions.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 65536
+MAX_DIMENSION = 1 << 24
+MAX_CONFIG_BYTES = 16 << 20
+
 # Values the Uni config.json omits; applied explicitly (model-spec §2.1, §3).
 UNI_IMPLIED_DEFAULTS: dict[str, Any] = {
     "mask_token_id": 156895,
@@ -73,11 +81,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object, failing with the file name when it is missing or malformed."""
     if not path.is_file():
-        raise ConfigError("file not found", file=path)
+        raise ConfigError("file not found" if not path.exists() else "not a regular file", file=path)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file", file=path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid JSON ({exc})", file=path) from None
+    except RecursionError:
+        raise ConfigError("not valid JSON (nested too deeply)", file=path) from None
     if not isinstance(data, dict):
         raise ConfigError(f"expected a JSON object, got {type(data).__name__}", file=path)
     return data
@@ -106,13 +118,15 @@ class _Fields:
             return None
         return self.data[key]
 
-    def int(self, key: str, default: Any = ..., minimum: int | None = 0) -> int:
+    def int(self, key: str, default: Any = ..., minimum: int | None = 0, maximum: int = MAX_DIMENSION) -> int:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"expected an integer, got {value!r}", file=self.file, key=self._name(key))
         if minimum is not None and value < minimum:
             raise ConfigError(f"expected an integer >= {minimum}, got {value}", file=self.file,
                               key=self._name(key))
+        if value > maximum:
+            raise ConfigError(f"expected an integer <= {maximum}, got {value}", file=self.file, key=self._name(key))
         return value
 
     def float(self, key: str, default: Any = ..., positive: bool = False) -> float:
@@ -254,13 +268,13 @@ class BackboneConfig:
         cfg = cls(
             vocab_size=f.int("vocab_size", minimum=1),
             hidden_size=hidden,
-            num_hidden_layers=f.int("num_hidden_layers", minimum=1),
+            num_hidden_layers=f.int("num_hidden_layers", minimum=1, maximum=MAX_LAYERS),
             num_attention_heads=heads,
             num_key_value_heads=f.int("num_key_value_heads", minimum=1),
             head_dim=head_dim,
             intermediate_size=f.int("intermediate_size", minimum=1),
             first_k_dense_replace=f.int("first_k_dense_replace"),
-            num_experts=f.int("num_experts", minimum=1),
+            num_experts=f.int("num_experts", minimum=1, maximum=MAX_EXPERTS),
             num_experts_per_tok=f.int("num_experts_per_tok", minimum=1),
             num_shared_experts=f.int("num_shared_experts"),
             moe_intermediate_size=f.int("moe_intermediate_size", minimum=1),
@@ -355,7 +369,7 @@ class VisionTokenizerConfig:
             raise v.fail("attention_bias", "the SigLIP-VQ tokenizer has attention biases (expected true)")
         cfg = cls(
             hidden_size=v.int("hidden_size", minimum=1),
-            depth=v.int("depth", minimum=1),
+            depth=v.int("depth", minimum=1, maximum=MAX_LAYERS),
             num_heads=v.int("num_heads", minimum=1),
             intermediate_size=v.int("intermediate_size", minimum=1),
             patch_size=v.int("patch_size", minimum=1),
@@ -484,8 +498,8 @@ class DecoderConfig:
         cfg = cls(
             in_channels=f.int("in_channels", minimum=1),
             dim=f.int("dim", minimum=1),
-            n_layers=f.int("n_layers", minimum=1),
-            n_refiner_layers=f.int("n_refiner_layers"),
+            n_layers=f.int("n_layers", minimum=1, maximum=MAX_LAYERS),
+            n_refiner_layers=f.int("n_refiner_layers", maximum=MAX_LAYERS),
             n_heads=f.int("n_heads", minimum=1),
             patch_size=patch[0],
             f_patch_size=fpatch[0],

@@ -363,6 +363,9 @@ def synthesize(out: str | Path, preset: str = "tiny", *, layers: int | None = No
         raise InputError(f"--experts-dtype must be bf16 or fp8, got {expert_dtype!r}")
     if out.exists() and not force:
         raise InputError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not _replaceable(out):  # --force replaces a checkpoint, never just any folder
+        raise InputError(f"{out} is not a checkpoint folder (no config.json with safetensors weights); --force only "
+                         "replaces a checkpoint or an empty folder")
     configs = preset_configs(preset, layers)  # validates the preset name
     p = PRESETS[preset]
     tmp = out.with_name(f".{out.name}.partial")
@@ -381,6 +384,12 @@ def synthesize(out: str | Path, preset: str = "tiny", *, layers: int | None = No
         raise
     progress(f"synth: done, {out}")
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    if out.is_symlink() or not out.is_dir():
+        return False
+    return not any(out.iterdir()) or ((out / "config.json").is_file() and any(out.glob("*.safetensors*")))
 
 
 def _write_all(root: Path, p: Preset, configs: dict[str, dict[str, Any]], seed: int, expert_dtype: str,

@@ -21,6 +21,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -113,6 +115,18 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+def check_relative_path(value: str, file: Path, key: str) -> str:
+    """A name or path taken from a manifest must stay inside the build folder: posix segments of letters,
+    digits and ``_ . + = -`` (so no ``..``, no absolute path, no separator tricks)."""
+    if not value or not all(_SEGMENT.fullmatch(part) for part in value.split("/")):
+        raise BuildError(f"{value!r} escapes the build folder or is not a plain relative path (segments of "
+                         f"letters, digits and _.+=- only); {_RERUN}", file=file, key=key)
+    return value
+
+
 @dataclass
 class FileEntry:
     """One file of a component: its path relative to the build folder (posix), sha256 and size."""
@@ -137,7 +151,7 @@ class FileEntry:
         if not isinstance(data, dict):
             raise BuildError(f"expected an object, got {type(data).__name__}", file=file, key=where.rstrip("."))
         return cls(
-            path=_require(data, "path", str, file, where),
+            path=check_relative_path(_require(data, "path", str, file, where), file, f"{where}path"),
             sha256=_require(data, "sha256", str, file, where),
             size=_require(data, "size", int, file, where),
         )
@@ -178,8 +192,10 @@ class ComponentEntry:
         if not isinstance(data, dict):
             raise BuildError(f"expected an object, got {type(data).__name__}", file=file, key=where.rstrip("."))
         files = _require(data, "files", list, file, where)
+        if not files:  # every loaded file must be listed, so an entry without files cannot be trusted
+            raise BuildError(f"an entry must list its files; {_RERUN}", file=file, key=f"{where}files")
         return cls(
-            name=_require(data, "name", str, file, where),
+            name=check_relative_path(_require(data, "name", str, file, where), file, f"{where}name"),
             kind=_require(data, "kind", str, file, where),
             files=[FileEntry.from_dict(f, file, f"{where}files[{i}].") for i, f in enumerate(files)],
             key=_require(data, "key", str, file, where),
@@ -236,9 +252,7 @@ class Manifest:
             checkpoint=_require(data, "checkpoint", dict, src, ""),
             versions=_require(data, "versions", dict, src, ""),
             options=_require(data, "options", dict, src, ""),
-            components={
-                name: ComponentEntry.from_dict(c, src, f"components.{name}.") for name, c in components.items()
-            },
+            components=_entries(components, src),
             reports=_require(data, "reports", dict, src, ""),
         )
 
@@ -257,6 +271,8 @@ class Manifest:
         except json.JSONDecodeError as e:
             msg = f"malformed manifest.json (line {e.lineno}, column {e.colno}: {e.msg}); {_RERUN}"
             raise BuildError(msg, file=path) from e
+        except RecursionError:
+            raise BuildError(f"malformed manifest.json (nested too deeply); {_RERUN}", file=path) from None
         return cls.from_dict(data, path)
 
     def save(self, build_dir: str | os.PathLike[str]) -> Path:
@@ -281,13 +297,26 @@ class Manifest:
         """
         root = Path(build_dir)
         names = list(self.components) if components is None else list(components)
+        listed = {f.path for entry in self.components.values() for f in entry.files}
         for name in names:
             if name not in self.components:
                 known = ", ".join(sorted(self.components)) or "none"
                 msg = f"component not in the manifest (it has: {known}); {_RERUN}"
                 raise BuildError(msg, file=root / MANIFEST_NAME, key=name)
-            for entry in self.components[name].files:
-                _verify_file(root, name, entry, full_hash)
+            files = self.components[name].files
+            hint = _rerun_hint(self.components[name].kind)
+            for entry in files:
+                _verify_file(root, name, entry, full_hash, hint)
+            _refuse_unlisted(root, name, {PurePosixPath(f.path).parent for f in files}, listed)
+
+
+    def intact(self, build_dir: str | os.PathLike[str], name: str) -> bool:
+        """Whether a component's files are all there with their recorded sha256, and nothing unlisted beside them."""
+        try:
+            self.verify(build_dir, [name])
+        except BuildError:
+            return False
+        return True
 
 
 def _check_format(data: dict[str, Any], file: Path) -> None:
@@ -308,9 +337,21 @@ def _check_format(data: dict[str, Any], file: Path) -> None:
         )
 
 
+def _entries(components: dict[str, Any], src: Path) -> dict[str, ComponentEntry]:
+    entries = {}
+    for name, data in components.items():
+        entry = ComponentEntry.from_dict(data, src, f"components.{name}.")
+        if entry.name != name:
+            raise BuildError(f"the entry is named {entry.name!r}; {_RERUN}", file=src, key=f"components.{name}")
+        entries[name] = entry
+    return entries
+
+
 def is_build_folder(path: str | os.PathLike[str]) -> bool:
-    """A folder with a manifest.json (what ``auto`` backends and ``export`` tell apart from a checkpoint)."""
-    return (Path(path) / MANIFEST_NAME).is_file()
+    """A folder with a manifest.json (what ``auto`` backends and ``export`` tell apart from a checkpoint);
+    anything by that name counts, so a broken one is reported as such rather than taken for a checkpoint."""
+    manifest = Path(path) / MANIFEST_NAME
+    return manifest.exists() or manifest.is_symlink()
 
 
 def _manifest_path(build_dir: str | os.PathLike[str]) -> Path:
@@ -321,24 +362,52 @@ def _manifest_path(build_dir: str | os.PathLike[str]) -> Path:
     if not root.is_dir():
         raise BuildError(f"not a build folder: it is a file, not a folder; {hint}", file=root)
     path = root / MANIFEST_NAME
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise BuildError(f"not a build folder: no manifest.json; {hint}", file=path)
+    if path.is_symlink() or not path.is_file():
+        raise BuildError(f"manifest.json is not a regular file; {_RERUN}", file=path)
     return path
 
 
-def _verify_file(root: Path, component: str, entry: FileEntry, full_hash: bool) -> None:
-    rel = PurePosixPath(entry.path)
-    if rel.is_absolute() or ".." in rel.parts:  # a hand-edited manifest must not point outside the build
-        raise BuildError(f"file path escapes the build folder; {_RERUN}", file=root / MANIFEST_NAME, key=component)
-    path = root.joinpath(*rel.parts)
-    if not path.is_file():
-        raise BuildError(f"missing (listed in manifest.json for {component!r}); {_RERUN}", file=path, key=component)
-    size = path.stat().st_size
-    if size != entry.size:
-        msg = f"size differs: {size} bytes on disk, {entry.size} recorded (file changed after the build); {_RERUN}"
+def _rerun_hint(entry_kind: str) -> str:
+    command = {"onnx": "export", "files": "export", "calibration": "calibrate"}.get(entry_kind, "build")
+    return f"re-run `llada-edge {command}`"
+
+
+def _verify_file(root: Path, component: str, entry: FileEntry, full_hash: bool, hint: str = _RERUN) -> None:
+    check_relative_path(entry.path, root / MANIFEST_NAME, component)  # checked at load; entries can be edited
+    path = root.joinpath(*PurePosixPath(entry.path).parts)
+    try:
+        st = path.lstat()
+    except OSError:
+        raise BuildError(f"missing (listed in manifest.json for {component!r}); {hint}", file=path,
+                         key=component) from None
+    if not stat.S_ISREG(st.st_mode):  # a symlink could point anywhere: the build holds its own files only
+        raise BuildError(f"not a regular file (a link or a device); {hint}", file=path, key=component)
+    if not path.resolve().is_relative_to(root.resolve()):  # a linked parent folder
+        raise BuildError(f"resolves outside the build folder; {hint}", file=path, key=component)
+    if st.st_size != entry.size:
+        msg = f"size differs: {st.st_size} bytes on disk, {entry.size} recorded (file changed after the build); {hint}"
         raise BuildError(msg, file=path, key=component)
     if full_hash and sha256_file(path) != entry.sha256:
-        raise BuildError(f"sha256 mismatch (file changed after the build); {_RERUN}", file=path, key=component)
+        raise BuildError(f"sha256 mismatch (file changed after the build); {hint}", file=path, key=component)
+
+
+def _refuse_unlisted(root: Path, component: str, folders: set[PurePosixPath], listed: set[str]) -> None:
+    """Every file in a component's folders must be one the manifest lists: a graph loads its external data by
+    name from its folder, so an unlisted file there would be loaded unchecked."""
+    for folder in folders:
+        if str(folder) == ".":
+            continue
+        base = root.joinpath(*folder.parts)
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+            here = Path(dirpath)
+            linked_dirs = [d for d in dirnames if (here / d).is_symlink()]
+            for name in [*filenames, *linked_dirs]:
+                rel = (here / name).relative_to(root).as_posix()
+                if rel not in listed:
+                    raise BuildError(f"not listed in manifest.json (the build did not write it); remove it or "
+                                     f"{_RERUN}", file=here / name, key=component)
 
 
 def record_component(build_dir: str | os.PathLike[str], manifest: Manifest, entry: ComponentEntry) -> None:

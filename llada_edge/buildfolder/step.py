@@ -5,7 +5,8 @@ A step has an :class:`Artifact` (its manifest entry, its kind and its folder) an
 :func:`~llada_edge.buildfolder.manifest.fingerprint` of everything it is built from. :func:`build_step`
 
 1. skips it when the manifest records the same key and every recorded file is still there with its
-   recorded size (:func:`is_up_to_date`, the one definition of "up to date");
+   recorded sha256 and nothing unlisted beside them (:func:`is_up_to_date`, the one definition of "up to
+   date": the same check as the runtime's, so whatever the runtime refuses, a re-run rebuilds);
 2. otherwise runs ``produce(tmp)`` into a temporary folder that is renamed into place only once complete
    (:func:`~llada_edge.buildfolder.files.atomic_dir`);
 3. hashes the files and records the entry in the manifest at once (saved atomically), so a crash later
@@ -74,12 +75,10 @@ class StepOutput:
     validation: dict[str, Any] | None = None
 
 
-def is_up_to_date(build_dir: Path, entry: ComponentEntry | None, key: str) -> bool:
-    """Same key, and every recorded file present with its recorded size (a full hash is the runtime's job)."""
-    if entry is None or entry.key != key or not entry.files:
-        return False
-    return all((build_dir / f.path).is_file() and (build_dir / f.path).stat().st_size == f.size
-               for f in entry.files)
+def is_up_to_date(build_dir: Path, manifest: Manifest, name: str, key: str) -> bool:
+    """Same key, and the entry's files intact (sha256; hashes are remembered per process, see ``files``)."""
+    entry = manifest.components.get(name)
+    return entry is not None and entry.key == key and manifest.intact(build_dir, name)
 
 
 def artifact_dir(build_dir: Path, artifact: Artifact) -> Path:
@@ -100,7 +99,8 @@ def build_step(build_dir: Path, manifest: Manifest, artifact: Artifact, key: str
     not validated, when validation is now asked for).
     """
     existing = manifest.components.get(artifact.entry)
-    if is_up_to_date(build_dir, existing, key) and existing is not None and (reuse is None or reuse(existing)):
+    if existing is not None and is_up_to_date(build_dir, manifest, artifact.entry, key) and (
+            reuse is None or reuse(existing)):
         return existing, False
     folder = artifact_dir(build_dir, artifact)
     start = time.perf_counter()

@@ -44,10 +44,12 @@ from llada_edge.buildfolder import (
     ComponentEntry,
     Manifest,
     StepOutput,
+    build_lock,
     build_step,
     fingerprint,
     sha256_file,
 )
+from llada_edge.buildfolder.files import SOURCE_HASHES, FileHashCache
 from llada_edge.calibration.requests import (
     CALIBRATION_SET,
     DEFAULT_MAX_SAMPLES,
@@ -55,8 +57,9 @@ from llada_edge.calibration.requests import (
     load_request_set,
     procedural_image,
 )
+from llada_edge.checkpoint import CheckpointFolder
 from llada_edge.components import Registry
-from llada_edge.config import BLOCK_SIZE, ModelConfig
+from llada_edge.config import BLOCK_SIZE
 from llada_edge.errors import InputError
 from llada_edge.model.backbone import MoE
 from llada_edge.runtime import Pipeline
@@ -292,22 +295,27 @@ def calibrate_build(build_dir: str | Path, manifest: Manifest | None = None, che
                     stride: int = DEFAULT_STRIDE, max_samples: int = DEFAULT_MAX_SAMPLES,
                     progress: Progress = print) -> ComponentEntry:
     """``BUILD/calibration`` as a build step: captured from ``checkpoint`` (default: the one the build was exported
-    from), skipped when the same checkpoint, options and request set were captured already."""
+    from), skipped when the same weights, options and request set were captured already."""
     build_dir = Path(build_dir).absolute()
-    manifest = manifest if manifest is not None else Manifest.load(build_dir)
-    source = checkpoint or manifest.checkpoint.get("path")
-    if not source or not Path(source).is_dir():
-        raise InputError(f"{build_dir}: the checkpoint {source!r} the build was exported from is not available; "
-                         "pass --checkpoint DIR")
-    ModelConfig.from_folder(source)  # a broken checkpoint fails here, naming the file and key
-    key = fingerprint([CAPTURE_VERSION, str(Path(source).resolve()), manifest.checkpoint.get("fingerprint"), stride,
-                       max_samples, sha256_file(CALIBRATION_SET)])
+    if manifest is None:
+        Manifest.load(build_dir)  # not a build folder: say so before taking its lock
+    with build_lock(build_dir, "calibrating"):
+        manifest = manifest if manifest is not None else Manifest.load(build_dir)
+        source = checkpoint or manifest.checkpoint.get("path")
+        if not source or not Path(source).is_dir():
+            raise InputError(f"{build_dir}: the checkpoint {source!r} the build was exported from is not available; "
+                             "pass --checkpoint DIR")
+        ckpt = CheckpointFolder(source)  # a broken checkpoint fails here, naming the file and key
+        hashes = FileHashCache(build_dir / SOURCE_HASHES)
+        weights = [c.source_fingerprint(ckpt, hashes.sha256) for c in Registry(ckpt.config)]  # content, not paths
+        key = fingerprint([CAPTURE_VERSION, weights, stride, max_samples, sha256_file(CALIBRATION_SET)])
 
-    def capture(tmp: Path) -> StepOutput:
-        counts = calibrate(source, tmp, stride=stride, max_samples=max_samples, progress=progress)
-        return StepOutput({"samples": counts, "stride": stride, "max_samples": max_samples, "checkpoint": str(source)})
+        def capture(tmp: Path) -> StepOutput:
+            counts = calibrate(ckpt.root, tmp, stride=stride, max_samples=max_samples, progress=progress)
+            return StepOutput({"samples": counts, "stride": stride, "max_samples": max_samples,
+                               "checkpoint": str(ckpt.root)})
 
-    entry, built = build_step(build_dir, manifest, CALIBRATION, key, capture)
+        entry, built = build_step(build_dir, manifest, CALIBRATION, key, capture)
     counts = entry.meta["samples"]
     progress(f"calibrate: {', '.join(f'{k} {v}' for k, v in counts.items())}" + ("" if built else " (up to date)"))
     return entry

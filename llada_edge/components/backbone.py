@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llada_edge.components.base import Case, Component, float_inputs
+from llada_edge.components.base import Case, Component, float_inputs, settings
 from llada_edge.components.specs import ComponentSpec, TensorSig, f32, i64
 from llada_edge.config import BLOCK_SIZE, ModelConfig
 from llada_edge.layout import backbone_layer_layout
@@ -37,7 +37,7 @@ class _BackboneComponent(Component):
     stacked_calibration = True
 
     def config_fingerprint(self) -> list[Any]:
-        return [self.config.backbone.__dict__]
+        return [settings(self.config.backbone)]
 
     def _rows_tokens(self, block_only: bool) -> dict[str, tuple[int, int, int]]:
         """Profile of the row and token axes: a block (heads), or up to a whole prompt prefilled at once."""

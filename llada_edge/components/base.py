@@ -17,12 +17,14 @@ instead of parsing its name. Importing this package needs numpy only.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from llada_edge.buildfolder.files import sha256_file
 from llada_edge.components.specs import ComponentSpec
 from llada_edge.config import ModelConfig
 
@@ -84,18 +86,19 @@ class Component(ABC):
         """Files outside a safetensors reader that the graph is built from."""
         return []
 
-    def source_fingerprint(self, ckpt: CheckpointFolder) -> list[Any]:
-        """Everything the graph depends on: its config and its tensors (header entries plus the size and mtime of
-        the files holding them: a rewritten shard invalidates the components in it)."""
+    def source_fingerprint(self, ckpt: CheckpointFolder, sha256: Callable[[Path], str] = sha256_file) -> list[Any]:
+        """Everything the graph depends on: its config and its tensors (header entries plus the name, size and
+        sha256 of the files holding them: a rewritten shard invalidates the components in it, a copied checkpoint
+        none). ``sha256`` can remember hashes across runs (:class:`~llada_edge.buildfolder.files.FileHashCache`)."""
         reader, keys = self.tensors(ckpt)
         if reader is None:
-            tensors = [_file_stat(f) for f in self.source_files(ckpt)]
+            files = self.source_files(ckpt)
+            entries: list[Any] = []
         else:
             infos = [reader.info(k) for k in keys if k in reader]
             files = sorted({i.file for i in infos})
-            tensors = [[i.key, i.dtype, list(i.shape), i.file.name, i.begin, i.end] for i in infos] + [
-                _file_stat(f) for f in files]
-        return [*self.config_fingerprint(), tensors]
+            entries = [[i.key, i.dtype, list(i.shape), i.file.name, i.begin, i.end] for i in infos]
+        return [*self.config_fingerprint(), entries + [[f.name, f.stat().st_size, sha256(f)] for f in files]]
 
     def weight_bytes(self, ckpt: CheckpointFolder) -> int:
         """Stored bytes of the graph's weights (decides whether it is exported in its own process)."""
@@ -129,9 +132,9 @@ class Component(ABC):
         return self.graph_kinds[0] if self.graph_kinds else "keep"
 
 
-def _file_stat(path: Path) -> list[Any]:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
+def settings(config: object) -> dict[str, Any]:
+    """A config's fields for a cache key, without where it was read from (a copied checkpoint is the same one)."""
+    return {k: v for k, v in vars(config).items() if k != "source"}
 
 
 def float_inputs(rng: np.random.Generator, *shape: int) -> np.ndarray:

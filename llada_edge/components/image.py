@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llada_edge.components.base import Case, Component, float_inputs
+from llada_edge.components.base import Case, Component, float_inputs, settings
 from llada_edge.components.specs import ComponentSpec, f32, i64
 from llada_edge.config import ModelConfig
 from llada_edge.positions import dit_rope_tables
@@ -47,7 +47,7 @@ class VisionTokenizer(Component):
         return ckpt.vision, ckpt.vision.keys()
 
     def config_fingerprint(self) -> list[Any]:
-        return [self.config.vision.__dict__, self.config.preprocessor.__dict__]
+        return [settings(self.config.vision), settings(self.config.preprocessor)]
 
     def build_module(self, ckpt: CheckpointFolder, moe: str = "dense") -> nn.Module:
         import torch
@@ -128,7 +128,7 @@ class DiT(Component):
         return reader, reader.keys()
 
     def config_fingerprint(self) -> list[Any]:
-        return [self.config.decoders[self.mode].__dict__]
+        return [settings(self.config.decoders[self.mode])]
 
     def build_module(self, ckpt: CheckpointFolder, moe: str = "dense") -> nn.Module:
         import torch

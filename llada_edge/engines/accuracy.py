@@ -159,8 +159,9 @@ def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = 
     build_dir = Path(build_dir)
     evaluation = load_request_set("evaluation")
     tokenizer = TextTokenizer.from_file(build_dir / "model" / "tokenizer.json")
-    ref = Pipeline(OnnxRuntimeBackend(build_dir, "fp32", verify=False), tokenizer)
-    quant = Pipeline(OnnxRuntimeBackend(build_dir, precision, verify=False), tokenizer)
+    # verified like `run` does: a report on tampered graphs must not say "pass"
+    ref = Pipeline(OnnxRuntimeBackend(build_dir, "fp32"), tokenizer)
+    quant = Pipeline(OnnxRuntimeBackend(build_dir, precision), tokenizer)
     progress(f"accuracy ({precision}): teacher-forced logits ...")
     metrics = _teacher_forced(ref, quant, evaluation)
     progress(f"accuracy ({precision}): generation ...")

@@ -18,10 +18,12 @@ from typing import Any
 
 from llada_edge.buildfolder import (
     CALIBRATION,
+    MODEL_FILES,
     Artifact,
     ComponentEntry,
     Manifest,
     StepOutput,
+    build_lock,
     build_step,
     fingerprint,
     is_up_to_date,
@@ -41,31 +43,54 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
                   overrides: dict[str, str] | None = None, report: bool = True,
                   progress: Progress = print) -> Manifest:
     build_dir = Path(build_dir).absolute()
-    manifest = Manifest.load(build_dir)
     recipe = get_recipe(precision, overrides)
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r} (expected one of {list(TARGETS)})")
+    Manifest.load(build_dir)  # not a build folder: say so before taking its lock
     if target == "tensorrt":
         from llada_edge.engines.tensorrt_builder import build_tensorrt_engines, gpu_sm, import_tensorrt
 
         trt, sm = import_tensorrt(), gpu_sm()  # before any CPU work: without TensorRT or a GPU, stop at once
-        sources = ensure_qdq_graphs(build_dir, manifest, recipe, progress)
-        return build_tensorrt_engines(build_dir, manifest, recipe, sources, trt, sm, progress)
-    if recipe.is_float:
-        progress("build: fp32 on onnxruntime runs the exported graphs as they are")
-    else:
-        _build_onnxruntime(build_dir, manifest, recipe, progress)
-    if report and not recipe.is_float:
-        from llada_edge.engines.accuracy import accuracy_report
+        with build_lock(build_dir, "building engines"):
+            manifest = Manifest.load(build_dir)
+            sources = ensure_qdq_graphs(build_dir, manifest, recipe, progress)
+            return build_tensorrt_engines(build_dir, manifest, recipe, sources, trt, sm, progress)
+    with build_lock(build_dir, "building engines"):
+        manifest = Manifest.load(build_dir)
+        if recipe.is_float:
+            progress("build: fp32 on onnxruntime runs the exported graphs as they are")
+        else:
+            _build_onnxruntime(build_dir, manifest, recipe, progress)
+        if report and not recipe.is_float:
+            from llada_edge.engines.accuracy import accuracy_report
 
-        accuracy_report(build_dir, recipe.name, progress=progress)
-    return Manifest.load(build_dir)
+            accuracy_report(build_dir, recipe.name, progress=progress)
+        return Manifest.load(build_dir)
+
+
+def quantize_build(build_dir: str | Path, precision: str = "fp8", overrides: dict[str, str] | None = None,
+                   progress: Progress = print) -> dict[str, Path]:
+    """``llada-edge quantize``: the ModelOpt Q/DQ graphs of a recipe (CPU only; calibration captured if missing);
+    returns the graph folder each TensorRT engine would be built from."""
+    build_dir = Path(build_dir).absolute()
+    recipe = get_recipe(precision, overrides)
+    Manifest.load(build_dir)
+    with build_lock(build_dir, "quantizing"):
+        return ensure_qdq_graphs(build_dir, Manifest.load(build_dir), recipe, progress)
+
+
+def verified_sources(build_dir: Path, manifest: Manifest) -> list[Component]:
+    """The exported graphs a build step reads, after checking their sha256 like the runtime does: an engine
+    derived from a tampered graph would otherwise be recorded, hashed and trusted as genuine."""
+    components = Registry.of_build(build_dir).exported(manifest)
+    manifest.verify(build_dir, [MODEL_FILES.entry, *(c.name for c in components)])
+    return components
 
 
 def _build_onnxruntime(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress) -> None:
     from llada_edge.engines.onnxruntime_builder import build_component
 
-    components = [c for c in Registry.of_build(build_dir).exported(manifest) if c.quantized]
+    components = [c for c in verified_sources(build_dir, manifest) if c.quantized]
     for i, component in enumerate(components, start=1):
         key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
                            versions_of(["onnxruntime"])])
@@ -102,7 +127,7 @@ def ensure_calibration(build_dir: Path, manifest: Manifest, progress: Progress) 
     """The build's calibration data (as `llada-edge calibrate` captured it, whatever its options), else a capture
     with the default options from the build's checkpoint (torch reference); returns the step's key."""
     entry = manifest.components.get(CALIBRATION.entry)
-    if entry is not None and is_up_to_date(build_dir, entry, entry.key):
+    if entry is not None and is_up_to_date(build_dir, manifest, CALIBRATION.entry, entry.key):
         return entry.key
     from llada_edge.calibration.capture import calibrate_build
 
@@ -114,7 +139,7 @@ def ensure_qdq_graphs(build_dir: Path, manifest: Manifest, recipe: Recipe, progr
     from llada_edge.engines.qdq import quantize_component
     from llada_edge.export.allowlist import check_tensorrt_compatible
 
-    components = Registry.of_build(build_dir).exported(manifest)
+    components = verified_sources(build_dir, manifest)
     ort_layers = [c.name for c in components if manifest.components[c.name].meta.get("moe") == "ort"]
     if ort_layers:
         raise InputError(f"{build_dir}: {ort_layers[0]} uses the com.microsoft MoE lowering, which TensorRT cannot "

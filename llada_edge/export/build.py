@@ -41,11 +41,14 @@ from llada_edge.buildfolder import (
     BuildError,
     Manifest,
     StepOutput,
+    build_lock,
     build_step,
     fingerprint,
     sha256_file,
     versions_of,
 )
+from llada_edge.buildfolder.files import SOURCE_HASHES, FileHashCache
+from llada_edge.buildfolder.lock import LOCK_NAME
 from llada_edge.checkpoint import CheckpointFolder
 from llada_edge.components import Component, ComponentSpec, Registry
 from llada_edge.errors import InputError, LladaEdgeError
@@ -134,9 +137,11 @@ def _model_files_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest) -> 
 
 
 def _open_manifest(out: Path, ckpt: CheckpointFolder) -> Manifest:
-    if (out / MANIFEST_NAME).is_file():
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a folder: choose another --out")
+    if (out / MANIFEST_NAME).exists():
         return Manifest.load(out)  # an incompatible or broken manifest is an error, not silently replaced
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(p.name not in (LOCK_NAME, SOURCE_HASHES) for p in out.iterdir()):
         raise InputError(f"{out} exists, is not empty and has no {MANIFEST_NAME}: choose another --out")
     return Manifest(checkpoint={"path": str(ckpt.root)})
 
@@ -163,12 +168,12 @@ def export_component(checkpoint: str, name: str, moe: str, opset: int, validate:
 
 
 def _export_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest, component: Component, moe: str,
-                 opset: int, validate: bool) -> tuple[dict[str, Any] | None, bool]:
+                 opset: int, validate: bool, hashes: FileHashCache) -> tuple[dict[str, Any] | None, bool]:
     """One component's export as a build step; returns (its validation summary, whether it ran now)."""
     spec = component.spec
     lowering = component.moe_lowering(moe)
     key = fingerprint([EXPORTER_VERSION, component.name, lowering, opset, spec.io_dict(),
-                       component.source_fingerprint(ckpt)])
+                       component.source_fingerprint(ckpt, hashes.sha256)])
     job = (str(ckpt.root), component.name, moe, opset, validate, str(out / "reports"))
 
     def export(tmp: Path) -> StepOutput:
@@ -196,13 +201,20 @@ def export_build(checkpoint: str | Path, out: str | Path, components: list[str] 
         raise InputError(f"unknown MoE lowering {moe!r} (expected one of {list(MOE_LOWERINGS)})")
     ckpt = CheckpointFolder(checkpoint)
     out = Path(out).absolute()
-    manifest = _open_manifest(out, ckpt)
-    out.mkdir(parents=True, exist_ok=True)
     selected = Registry(ckpt.config).select(components)
+    _open_manifest(out, ckpt)  # before the lock file is created: refuse a folder that is not a build
+    with build_lock(out, "exporting"):
+        return _export_locked(ckpt, out, selected, moe, opset, validate, progress)
+
+
+def _export_locked(ckpt: CheckpointFolder, out: Path, selected: list[Component], moe: str, opset: int,
+                   validate: bool, progress: Progress) -> Manifest:
+    manifest = _open_manifest(out, ckpt)
     _model_files_step(ckpt, out, manifest)
     failures = []
+    hashes = FileHashCache(out / SOURCE_HASHES)
     for i, component in enumerate(selected, start=1):
-        validation, built = _export_step(ckpt, out, manifest, component, moe, opset, validate)
+        validation, built = _export_step(ckpt, out, manifest, component, moe, opset, validate, hashes)
         where = f"export [{i}/{len(selected)}] {component.name}"
         if not built:
             progress(f"{where}: up to date")

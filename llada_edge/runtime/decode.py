@@ -28,6 +28,7 @@ from llada_edge.runtime.backend import Backend
 
 Velocity = Callable[[np.ndarray, float], np.ndarray]
 DECODE_MODES = {"turbo": 8, "normal": 50}  # mode -> default number of steps
+MAX_DECODE_STEPS = 200  # decoder evaluations per image: a bound on the work one request can ask for
 TIME_SHIFT = 6.0
 NORMAL_CFG_SCALE = 1.0  # w of the normal decoder's CFG against all-zero conditioning (upstream's value)
 RESOLUTION_MULTIPLIER = 2  # a gh x gw token grid decodes at (32 gh) x (32 gw) pixels
@@ -102,8 +103,8 @@ def decode_tokens(backend: Backend, vq_ids: np.ndarray, gh: int, gw: int, mode: 
     if mode not in DECODE_MODES:
         raise InputError(f"unknown decode mode {mode!r} (expected one of {sorted(DECODE_MODES)})")
     steps = DECODE_MODES[mode] if steps is None else steps
-    if steps < (1 if mode == "turbo" else 2):
-        raise InputError(f"{mode} decoding needs at least {1 if mode == 'turbo' else 2} steps, got {steps}")
+    if not (1 if mode == "turbo" else 2) <= steps <= MAX_DECODE_STEPS:
+        raise InputError(f"{mode} decoding takes {1 if mode == 'turbo' else 2}..{MAX_DECODE_STEPS} steps, got {steps}")
     vq_ids = np.asarray(vq_ids, dtype=np.int64)
     n_codes = backend.config.vision.num_embeddings
     if vq_ids.shape != (gh * gw,) or vq_ids.min(initial=0) < 0 or vq_ids.max(initial=0) >= n_codes:

@@ -13,6 +13,9 @@ Pixel-exact agreement with upstream matters here: a one-pixel shift of a crop ch
 from __future__ import annotations
 
 import math
+import os
+import secrets
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
@@ -23,6 +26,9 @@ from PIL import Image
 
 from llada_edge.errors import InputError
 
+# Largest input image accepted (about 6300 x 6300): a PNG of a few hundred KB can declare 144 Mpx, and
+# decoding it would take gigabytes before any resize; understanding and editing read at most ~1 Mpx.
+MAX_INPUT_PIXELS = 40_000_000
 SMART_RESIZE_FACTOR = 32
 SMART_RESIZE_MIN_PIXELS = 128 * 128
 SMART_RESIZE_MAX_PIXELS = 800 * 800
@@ -49,6 +55,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_image(path_or_image: str | Path | Image.Image) -> Image.Image:
     """An RGB image from a path or a PIL image; bad files raise :class:`InputError` naming the file."""
     if isinstance(path_or_image, Image.Image):
+        if path_or_image.width * path_or_image.height > MAX_INPUT_PIXELS:
+            raise InputError(f"image of {path_or_image.width}x{path_or_image.height} pixels is larger than the "
+                             f"limit of {MAX_INPUT_PIXELS:,} pixels")
         return _to_rgb(path_or_image)
     path = Path(path_or_image)
     if not path.exists():
@@ -56,7 +65,13 @@ def load_image(path_or_image: str | Path | Image.Image) -> Image.Image:
     if not path.is_file():
         raise InputError("not an image file (it is a directory or a special file)", file=path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the limit below is lower and is an error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # reads the header only: the size is known before any pixel is decoded
+        with img:
+            if img.width * img.height > MAX_INPUT_PIXELS:
+                raise InputError(f"image of {img.width}x{img.height} pixels is larger than the limit of "
+                                 f"{MAX_INPUT_PIXELS:,} pixels (inputs are resized to at most 800x800)", file=path)
             img.load()
             return _to_rgb(img)
     except Image.DecompressionBombError as exc:
@@ -65,9 +80,46 @@ def load_image(path_or_image: str | Path | Image.Image) -> Image.Image:
         raise InputError(f"not an image file, or a truncated one ({exc})", file=path) from exc
 
 
+def output_format(path: str | Path) -> str:
+    """The image format an output path asks for (by its suffix), checked before any work is done: a folder
+    that exists and can be written, a name that is not a folder, a suffix Pillow can write."""
+    path = Path(path)
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"unknown image format {path.suffix!r} (use .png, .jpg, .webp, ...)", file=path)
+    if path.is_dir():
+        raise InputError("is a folder; give a file name", file=path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError("the folder to write into does not exist", file=path)
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError("cannot write here (permission denied or read-only file system)", file=path)
+    return fmt
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Write atomically in the format of the suffix: a uniquely named temporary file beside it, then rename, so
+    concurrent writers never share a temporary file and a failure leaves nothing behind."""
+    path = Path(path)
+    fmt = output_format(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    try:
+        image.save(tmp, format=fmt)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write the image ({exc.strerror or exc})", file=path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def check_size(height: int, width: int, multiple: int = 32) -> None:
     """Generated images must be whole 32-px cells: 16-px VQ patches, decoded at 2× (model-spec §3)."""
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+    if (isinstance(height, bool) or isinstance(width, bool) or not isinstance(height, int)
+            or not isinstance(width, int) or height <= 0 or width <= 0 or height % multiple or width % multiple):
         raise InputError(f"image size must be positive multiples of {multiple}, got {height}x{width}")
 
 

@@ -13,13 +13,15 @@ object, keyword overrides of its fields, or both.
 
 from __future__ import annotations
 
+import functools
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from PIL import Image
@@ -30,7 +32,15 @@ from llada_edge.runtime import prompts
 from llada_edge.runtime.backend import Backend
 from llada_edge.runtime.backends import BackendOptions, create_backend
 from llada_edge.runtime.decode import decode_tokens
-from llada_edge.runtime.images import check_size, edit_source_image, load_image, smart_resize, to_pil, to_pixels
+from llada_edge.runtime.images import (
+    check_size,
+    edit_source_image,
+    load_image,
+    save_image,
+    smart_resize,
+    to_pil,
+    to_pixels,
+)
 from llada_edge.runtime.requests import (
     ChatRequest,
     EditOptions,
@@ -46,6 +56,7 @@ from llada_edge.runtime.sampler import BlockDiffusionSampler, GenerationResult, 
 from llada_edge.runtime.text import TextTokenizer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def stderr_progress(stage: str, done: int, total: int) -> None:
@@ -82,12 +93,8 @@ class ImageResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        """Write a PNG atomically (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
-        self.image.save(tmp, format="PNG")
-        tmp.replace(path)
-        return path
+        """Write atomically, in the format of the suffix (.png, .jpg, ...)."""
+        return save_image(self.image, path)
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.vq_tokens, "grid": list(self.grid), "size": list(self.image.size),
@@ -95,12 +102,27 @@ class ImageResult:
                 "thinking": self.thinking, **self.extra}
 
 
+def _one_at_a_time(method: F) -> F:
+    """A request holds the pipeline's lock: a backend has one KV cache and one set of step buffers."""
+
+    @functools.wraps(method)
+    def locked(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return cast(F, locked)
+
+
 class Pipeline:
+    """Runs requests on one backend. Thread-safe: concurrent calls from several threads run one after the other
+    (each request owns the backend's KV cache while it runs), so every result equals that of a lone run."""
+
     def __init__(self, backend: Backend, tokenizer: TextTokenizer, progress: Progress | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.progress = progress
         self.config = backend.config
+        self._lock = threading.RLock()
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", progress: Progress | None = None,
@@ -117,6 +139,7 @@ class Pipeline:
         model_dir = path / "model" if is_build_folder(path) else path
         return cls(engine, TextTokenizer.from_file(model_dir / "tokenizer.json"), progress)
 
+    @_one_at_a_time
     def run(self, request: Request) -> TextResult | ImageResult:
         """Run one typed request (what the CLI does)."""
         if isinstance(request, UnderstandRequest):
@@ -158,6 +181,7 @@ class Pipeline:
 
     # -- text out -------------------------------------------------------------------------------
 
+    @_one_at_a_time
     def understand(self, image: Any, question: str, options: TextOptions | None = None,
                    **overrides: Any) -> TextResult:
         """Answer a question about an image (smart_resize to 128²..800² pixels, tokenizer, text loop)."""
@@ -172,6 +196,7 @@ class Pipeline:
         timings = {"tokenizer": t_tok, "backbone": time.perf_counter() - t0, "total": time.perf_counter() - start}
         return self._text_result(gen, timings)
 
+    @_one_at_a_time
     def chat(self, messages: Sequence[dict[str, str]], options: TextOptions | None = None,
              **overrides: Any) -> TextResult:
         """Reply to a conversation ([{"role": "user"|"assistant"|"system", "content": ...}, ...])."""
@@ -199,6 +224,7 @@ class Pipeline:
         return ImageResult(to_pil(dec.image), gen.tokens.tolist(), grid, timings, passes, gen.steps, text,
                            {"dit_evaluations": dec.dit_evaluations, "pruned_fraction": gen.pruned_fraction})
 
+    @_one_at_a_time
     def generate_image(self, prompt: str, height: int | None = None, width: int | None = None,
                        options: T2IOptions | None = None, **overrides: Any) -> ImageResult:
         """Text-to-image: (thinking) -> image tokens with two-row CFG -> decoder -> PIL image.
@@ -234,6 +260,7 @@ class Pipeline:
         timings["backbone"] = time.perf_counter() - t0
         return self._finish_image(gen, (gh, gw), opts, timings, start, thinking)
 
+    @_one_at_a_time
     def edit(self, image: Any, instruction: str, options: EditOptions | None = None,
              **overrides: Any) -> ImageResult:
         """Edit an image with three-way CFG; the output grid is the source grid (see
@@ -257,6 +284,7 @@ class Pipeline:
         result.extra["source_tokens"] = ids.tolist()
         return result
 
+    @_one_at_a_time
     def decode(self, tokens: Sequence[int], height: int, width: int, mode: str = "turbo",
                steps: int | None = None, seed: int = 0) -> ImageResult:
         """Render un-offset VQ ids on a (height/32) x (width/32) grid into a height x width image."""

@@ -43,9 +43,14 @@ def _system_turn(sentence: str) -> str:
 
 
 def _require_text(text: str, what: str) -> None:
-    """Refuse empty user text: the model would see a prompt the templates never contain."""
+    """Refuse empty user text (the model would see a prompt the templates never contain) and text that is not
+    Unicode (undecodable bytes from a command line arrive as lone surrogates, which no tokenizer accepts)."""
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"empty prompt: the {what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"the {what} is not valid UTF-8 text (it holds undecodable bytes)") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +171,7 @@ def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
         content = msg.get("content")
         if not isinstance(content, str) or not content.strip():
             raise InputError(f"chat: message {i} ({role}) has empty content")
+        _require_text(content, f"chat message {i} ({role})")
     if messages[-1]["role"] != "user":
         raise InputError("chat: the conversation must end with a user message")
 

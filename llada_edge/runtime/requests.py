@@ -15,11 +15,12 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from llada_edge.errors import InputError
-from llada_edge.runtime.decode import DECODE_MODES
+from llada_edge.runtime.decode import DECODE_MODES, MAX_DECODE_STEPS
 from llada_edge.runtime.images import check_size
-from llada_edge.runtime.sampler import SamplingConfig, SprintConfig
+from llada_edge.runtime.sampler import SamplingConfig, SprintConfig, check_integer, check_range
 
 T2I_MODES = ("normal", "thinking")
+MAX_GUIDANCE = 100.0  # |CFG scale|: upstream uses 1..5; beyond this the logits are noise
 Options = TypeVar("Options", bound=SamplingConfig)
 
 
@@ -30,6 +31,10 @@ class TextOptions(SamplingConfig):
     steps: int = 32
     max_new_tokens: int = 512
     sprint: SprintConfig | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_integer("max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class ImageOptions(SamplingConfig):
         super().__post_init__()
         if self.decode_mode not in DECODE_MODES:
             raise InputError(f"unknown decode mode {self.decode_mode!r} (expected one of {sorted(DECODE_MODES)})")
+        if self.decode_steps is not None:
+            check_integer("decode_steps", self.decode_steps, 1, MAX_DECODE_STEPS)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class T2IOptions(ImageOptions):
         check_size(self.height, self.width)
         if self.mode not in T2I_MODES:
             raise InputError(f"unknown t2i mode {self.mode!r} (expected one of {list(T2I_MODES)})")
+        check_range("cfg_scale", self.cfg_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
+        check_integer("thinking_max_tokens", self.thinking_max_tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,12 @@ class EditOptions(ImageOptions):
     cfg_image_scale: float = 0.0
     source_size: int = 512
     sprint: SprintConfig | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("cfg_text_scale", self.cfg_text_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
+        check_range("cfg_image_scale", self.cfg_image_scale, -MAX_GUIDANCE, MAX_GUIDANCE)
+        check_size(self.source_size, self.source_size)
 
 
 def resolve_options(kind: type[Options], given: Options | None, overrides: dict[str, Any]) -> Options:

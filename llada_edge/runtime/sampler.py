@@ -40,7 +40,24 @@ from llada_edge.errors import InputError
 from llada_edge.runtime.backend import Backend
 
 STRATEGIES = ("low_confidence", "top_k_margin", "neg_entropy")
+MAX_BLOCK_SIZE = 1024
 T = TypeVar("T")
+
+
+def check_integer(name: str, value: int, low: int, high: int | None = None) -> None:
+    """An integer (not a bool, not a float) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise InputError(f"{name} must be an integer in {bound}, got {value!r}")
+
+
+def check_range(name: str, value: float, low: float, high: float | None) -> None:
+    """A finite number within [low, high] (NaN and infinities fail every comparison, so they are named)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise InputError(f"{name} must be {'in ' if high is not None else ''}{bound}, got {value:g}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,10 +78,13 @@ class SamplingConfig:
     fused_head: bool = True  # use the backend's head_*_sample graph (CFG + argmax + p inside) when it can
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= self.block_size:
-            raise InputError(f"steps per block must be in 1..{self.block_size}, got {self.steps}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        check_integer("block size", self.block_size, 1, MAX_BLOCK_SIZE)
+        check_integer("steps per block", self.steps, 1, self.block_size)
+        check_range("threshold", self.threshold, 0.0, 1.0)
+        check_range("temperature", self.temperature, 0.0, None)
+        if self.cfg_rescale is not None:
+            check_range("cfg_rescale", self.cfg_rescale, 0.0, 1.0)
+        check_integer("seed", self.seed, 0, 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -78,10 +98,10 @@ class SprintConfig:
     strategy: str = "low_confidence"
 
     def __post_init__(self) -> None:
-        for name in ("keep_ratio", "image_keep_ratio", "text_keep_ratio", "confidence_alpha"):
+        for name in ("keep_ratio", "image_keep_ratio", "text_keep_ratio", "confidence_alpha", "threshold"):
             value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise InputError(f"SPRINT {name} must be in [0, 1], got {value}")
+            if value is not None:
+                check_range(f"SPRINT {name}", value, 0.0, 1.0)
         if self.cache_warmup_steps < 1:
             raise InputError("SPRINT cache_warmup_steps must be >= 1 (pruning scores come from a warm-up pass)")
         if self.strategy not in STRATEGIES:
@@ -360,6 +380,10 @@ class BlockDiffusionSampler:
                 hidden, importance = self._timed(self.backend.forward_block, x[:, lo:hi], pos[:, lo:hi],
                                                  valid[:, lo:hi], key_importance=want_importance)
                 x0, p, conf = self._score(hidden, active, row_weights, rng)
+                if not np.isfinite(p[active]).all():
+                    raise InputError(f"the backbone produced non-finite scores (NaN or inf) in block {b}, step "
+                                     f"{step}: the checkpoint's weights hold NaN/inf values, or a guidance scale "
+                                     "is not finite")
                 if sprint is not None:
                     k = adaptive_k(int(active.sum()), s.steps - step)
                     sel = select_sprint(conf, p, active, k, sprint.threshold)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llada_edge.buildfolder import Artifact, Manifest
+from llada_edge.buildfolder import Artifact, Manifest, check_not_being_written
 from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
 from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffers
@@ -43,6 +43,7 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         import onnxruntime as ort
 
         self.build_dir = Path(build_dir)
+        check_not_being_written(self.build_dir)
         self.manifest = Manifest.load(self.build_dir)
         self.precision = precision
         super().__init__(ModelConfig.from_folder(self.build_dir / "model"))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from llada_edge.buildfolder import Artifact, Manifest
+from llada_edge.buildfolder import Artifact, Manifest, check_not_being_written
 from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
 from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffers
@@ -95,6 +95,7 @@ class TensorRTBackend(EngineSession[_Step]):
                  verify: bool = True) -> None:
         self.trt, self.cudart = _import_cuda()
         self.build_dir = Path(build_dir)
+        check_not_being_written(self.build_dir)
         self.manifest = Manifest.load(self.build_dir)
         if verify:
             self.manifest.verify(self.build_dir)
