@@ -24,10 +24,10 @@ from typing import Any
 from llada_edge.buildfolder.files import atomic_dir
 from llada_edge.buildfolder.manifest import (
     MANIFEST_NAME,
-    BuildError,
     ComponentEntry,
     FileEntry,
     Manifest,
+    check_relative_path,
     record_component,
 )
 
@@ -82,12 +82,9 @@ def is_up_to_date(build_dir: Path, manifest: Manifest, name: str, key: str) -> b
 
 
 def artifact_dir(build_dir: Path, artifact: Artifact) -> Path:
-    """The artifact's folder, refusing any name that would climb out of the build folder."""
-    rel = PurePosixPath(artifact.folder)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise BuildError(f"artifact folder {artifact.folder!r} is not inside the build folder",
-                         file=build_dir / MANIFEST_NAME, key=artifact.entry)
-    return build_dir.joinpath(*rel.parts)
+    """The artifact's folder, refusing any name that would climb out of the build folder (the manifest's rule)."""
+    check_relative_path(artifact.folder, build_dir / MANIFEST_NAME, artifact.entry)
+    return build_dir.joinpath(*PurePosixPath(artifact.folder).parts)
 
 
 def build_step(build_dir: Path, manifest: Manifest, artifact: Artifact, key: str,

@@ -8,9 +8,10 @@
 Bounded memory: each component is built from only its own tensors, exported, validated and released
 before the next one (the backbone one layer at a time), so peak memory is about one component.
 
-Idempotent: each component is keyed by a hash of what it depends on (its tensors' header entries and
-files, its config, the export options, the exporter version). An unchanged key with its files in place
-is skipped; a changed checkpoint or option rebuilds only what it affects. A component is written to a
+Idempotent: each component is a :func:`~llada_edge.buildfolder.build_step` keyed by a hash of what it
+depends on (its tensors' header entries, the sha256 of the shards holding them, its config fields, the
+export options, the exporter version). An unchanged key with its files intact is skipped; a changed
+checkpoint or option rebuilds only what it affects, and a copied checkpoint nothing. A component is written to a
 temporary folder and renamed into place, then recorded in the manifest, so an interrupted export
 leaves nothing that a later run (or the runtime) would trust.
 """
