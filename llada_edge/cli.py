@@ -148,6 +148,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     exported = sum(1 for entry in manifest.components.values() if entry.kind == "onnx")
     print(f"{args.out}: {exported} components"
           + (f", validation: {Path(args.out) / 'reports' / 'validation.md'}" if not args.no_validate else ""))
+    if args.dtype != "fp32":
+        from llada_edge.engines.build import prepare_half_graphs
+
+        half = prepare_half_graphs(args.out, args.dtype, _progress)
+        print(f"{args.out}: {len(half)} {args.dtype} GPU graphs (quant/{args.dtype}/)")
     return 0
 
 
@@ -156,7 +161,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from llada_edge.engines.build import build_engines
 
     manifest = build_engines(args.build, args.target, args.precision, parse_overrides(args.override),
-                             report=not args.no_report, progress=_progress)
+                             report=not args.no_report, progress=_progress, sm=args.sm, components=args.components)
     report = manifest.reports.get(f"accuracy-{args.precision}")
     if report:
         print(f"{args.build}: {args.target} {args.precision} engines; accuracy report {report['path']}: "
@@ -178,7 +183,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llada_edge.engines.build import quantize_build
 
     sources = quantize_build(args.build, args.precision, parse_overrides(args.override), _progress)
-    print(f"{args.build}: {sum(1 for p in sources.values() if 'quant' in p.parts)} Q/DQ graphs for TensorRT")
+    print(f"{args.build}: {sum(1 for p in sources.values() if 'quant' in p.parts)} GPU graphs for TensorRT")
     return 0
 
 
@@ -264,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "ONNX Runtime CPU)")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs reference comparison")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="float type of the GPU graphs (default fp32: the CPU reference only). fp16/bf16 also write "
+                   "quant/<dtype>/<component> (ModelOpt AutoCast; norms, softmax, router, RoPE kept fp32, see "
+                   "engines/half.py), fp16 ones validated against fp32 on ONNX Runtime; quantized TensorRT recipes "
+                   "then keep their unquantized parts in this type")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="one t2i, one understanding and one edit request, with a timing table")
@@ -280,13 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="engines for a target and precision, with an accuracy report",
                        description="Build engines from an exported build folder. onnxruntime: weights rewritten to "
                        "QMoE (experts) / MatMulNBits (dense) / fp8 storage per the recipe, then an accuracy report "
-                       "against fp32 on held-out requests (reports/accuracy-<precision>.md). tensorrt: strongly "
-                       "typed engines (needs TensorRT and an NVIDIA GPU).")
+                       "against fp32 on held-out requests (reports/accuracy-<precision>.md). tensorrt / tensorrt-rtx: "
+                       "strongly typed engines from ModelOpt Q/DQ graphs in fp16/bf16, each with an engine census "
+                       "(the format every GEMM's weights ended up in; a GEMM wider than the recipe asked fails the "
+                       "build). tensorrt needs TensorRT and an NVIDIA GPU; tensorrt-rtx builds without a GPU for "
+                       "the compute capabilities of --sm (engines run on RTX GPUs).")
     p.add_argument("--build", required=True, help="build folder made by `llada-edge export`")
-    p.add_argument("--target", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
-    p.add_argument("--precision", choices=list(RECIPES), default="int4", help="recipe (default int4)")
+    p.add_argument("--target", choices=("onnxruntime", "tensorrt", "tensorrt-rtx"), default="onnxruntime")
+    p.add_argument("--precision", choices=list(RECIPES), default="int4",
+                   help="recipe (default int4); fp16 and bf16 are for the tensorrt targets")
     p.add_argument("--override", nargs="+", metavar="KIND=FORMAT",
-                   help=f"per-kind formats, e.g. dit=fp8 (kinds: {' '.join(KINDS)}; formats: fp32 fp8 int8 int4)")
+                   help=f"per-kind formats, e.g. dit=fp8 (kinds: {' '.join(KINDS)}; formats: fp32 fp8 int8 int4), "
+                   "or dtype=bf16 (the float type of a tensorrt recipe's unquantized parts; default: the export's "
+                   "--dtype, else fp16)")
+    p.add_argument("--sm", nargs="+", metavar="SM", help="tensorrt-rtx: compute capabilities to build for "
+                   "(sm75 sm80 sm86 sm89 sm120 sm121; default sm89 sm120; fp8 needs sm89+)")
+    p.add_argument("--components", nargs="+", metavar="NAME", help="tensorrt targets: only these components or "
+                   "groups (default all), e.g. layer_1 dit_turbo")
     p.add_argument("--no-report", action="store_true", help="skip the accuracy report")
     p.set_defaults(func=cmd_build)
 
@@ -302,10 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"samples kept per component (default {DEFAULT_MAX_SAMPLES})")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("quantize", help="ModelOpt Q/DQ graphs for TensorRT (runs on the CPU)",
+    p = sub.add_parser("quantize", help="the GPU graphs of a recipe for TensorRT (runs on the CPU)",
                        description="Write BUILD/quant/<precision>/<component> with NVIDIA ModelOpt's ONNX PTQ from the "
-                       "dense fp32 graphs and the calibration data (captured first if missing); each graph is "
-                       "checked against the TensorRT operator allow-list.")
+                       "dense fp32 graphs and the calibration data (captured first if missing), then in the recipe's "
+                       "fp16/bf16; each graph is checked against the TensorRT operator allow-list.")
     p.add_argument("--build", required=True, help="build folder exported with --moe dense")
     p.add_argument("--precision", choices=[r for r in RECIPES if r != "fp32"], default="fp8")
     p.add_argument("--override", nargs="+", metavar="KIND=FORMAT", help="per-kind formats, e.g. dit=fp8")

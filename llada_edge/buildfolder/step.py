@@ -52,13 +52,13 @@ class Artifact:
 
     @classmethod
     def qdq_graph(cls, precision: str, component: str) -> Artifact:
-        """A ModelOpt Q/DQ graph, the input of a TensorRT engine."""
+        """A GPU graph (ModelOpt Q/DQ and/or fp16/bf16), the input of a TensorRT engine."""
         return cls(f"qdq/{precision}/{component}", "qdq", f"quant/{precision}/{component}")
 
     @classmethod
-    def trt_engine(cls, precision: str, component: str) -> Artifact:
-        """A TensorRT plan."""
-        return cls(f"tensorrt/{precision}/{component}", "trt-engine", f"engines/tensorrt/{precision}/{component}")
+    def trt_engine(cls, target: str, precision: str, component: str) -> Artifact:
+        """A TensorRT plan of a target (``tensorrt`` or ``tensorrt-rtx``)."""
+        return cls(f"{target}/{precision}/{component}", "trt-engine", f"engines/{target}/{precision}/{component}")
 
 
 MODEL_FILES = Artifact("model", "files", "model")  # configs + tokenizer: what the runtime needs from the checkpoint

@@ -10,10 +10,15 @@ Kinds of weights:
 * ``router``   the MoE gate (fp32 unless asked: routing decides which experts run at all);
 * ``lm_head``  the output head (fp32 unless asked: every sampled token comes from it).
 
-Formats: ``fp32``; ``fp8`` (e4m3, per-output-channel scale); ``int8`` (symmetric, per output channel);
+Formats: ``fp32`` (not quantized: the weight stays in the recipe's float ``dtype``); ``fp8`` (e4m3,
+per-output-channel scale); ``int8`` (symmetric, per output channel);
 ``int4`` (symmetric, block-wise along the input dimension, block 128 or the largest power of two
 that divides a smaller dimension). Components may override any kind: ``mixed`` is experts int4 with
 everything else fp8; ``Recipe.with_overrides(dit="fp8")`` gives "backbone int4, decoder fp8".
+
+``dtype`` is the float type of everything a recipe does not quantize (activations, norms, unquantized weights,
+the KV cache): ``fp32`` on the CPU reference and ONNX Runtime, ``fp16``/``bf16`` for GPU graphs
+(:mod:`llada_edge.engines.half`). The ``fp16`` and ``bf16`` recipes quantize nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 from llada_edge.errors import InputError
 
 FORMATS = ("fp32", "fp8", "int8", "int4")
+DTYPES = ("fp32", "fp16", "bf16")
 KINDS = ("experts", "dense", "dit", "vision", "router", "lm_head")
 
 
@@ -37,16 +43,20 @@ class Recipe:
     router: str = "fp32"
     lm_head: str = "fp32"
     int4_block: int = 128
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InputError(f"recipe {self.name!r}: dtype={self.dtype!r} is not one of {list(DTYPES)}")
         for kind in KINDS:
             if getattr(self, kind) not in FORMATS:
                 raise InputError(f"recipe {self.name!r}: {kind}={getattr(self, kind)!r} is not one of {list(FORMATS)}")
 
     def with_overrides(self, **kinds: str) -> Recipe:
-        unknown = set(kinds) - set(KINDS)
+        """Other formats for some kinds (and ``dtype=...``), under a name that says so."""
+        unknown = set(kinds) - {*KINDS, "dtype"}
         if unknown:
-            raise InputError(f"unknown weight kinds {sorted(unknown)} (expected some of {list(KINDS)})")
+            raise InputError(f"unknown weight kinds {sorted(unknown)} (expected some of {[*KINDS, 'dtype']})")
         changes: dict[str, Any] = {"name": self.name + "".join(f"+{k}={v}" for k, v in sorted(kinds.items())), **kinds}
         return replace(self, **changes)
 
@@ -55,7 +65,15 @@ class Recipe:
 
     @property
     def is_float(self) -> bool:
+        """Quantizes nothing (fp32, fp16, bf16)."""
         return all(getattr(self, k) == "fp32" for k in KINDS)
+
+    def in_dtype(self, dtype: str) -> Recipe:
+        """The recipe with its unquantized parts in ``dtype``, under the same name (a GPU target's graphs and
+        engines of ``fp8`` are the ``fp8`` ones of that build, whatever their half type; the entry records it)."""
+        if dtype == self.dtype:
+            return self
+        return get_recipe(dtype) if self.is_float else replace(self, dtype=dtype)
 
     def format_of(self, kind: str) -> str:
         """The format of one kind of weight; "keep" (weights no recipe touches) is fp32."""
@@ -69,6 +87,8 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "fp32": Recipe("fp32", experts="fp32", dense="fp32", dit="fp32", vision="fp32"),
+    "fp16": Recipe("fp16", experts="fp32", dense="fp32", dit="fp32", vision="fp32", dtype="fp16"),
+    "bf16": Recipe("bf16", experts="fp32", dense="fp32", dit="fp32", vision="fp32", dtype="bf16"),
     "fp8": Recipe("fp8", experts="fp8", dense="fp8", dit="fp8", vision="fp8"),
     "int8": Recipe("int8", experts="int8", dense="int8", dit="int8", vision="int8"),
     # The ViT stays int8 under int4: its output is an argmax over a 16384-entry codebook.

@@ -3,8 +3,10 @@
 * ``onnxruntime``: ``BUILD/engines/onnxruntime/<precision>/<component>/model.onnx``, rewritten by
   :mod:`llada_edge.engines.onnxruntime_builder`; components a recipe never rewrites (embed, VAE) are read
   from ``BUILD/onnx``. Then the accuracy report (``BUILD/reports/accuracy-<precision>.{json,md}``).
-* ``tensorrt``: :mod:`llada_edge.engines.tensorrt_builder` (needs TensorRT and a GPU), from the graphs of
-  :func:`ensure_qdq_graphs` (ModelOpt Q/DQ where the recipe quantizes, else the fp32 export).
+* ``tensorrt`` / ``tensorrt-rtx``: :mod:`llada_edge.engines.tensorrt_builder` (full TensorRT needs a GPU;
+  TensorRT-RTX builds ahead of time without one), from the graphs of :func:`ensure_gpu_graphs` (ModelOpt Q/DQ
+  where the recipe quantizes, in the recipe's fp16/bf16; the fp32 export for the fp32 recipe), with an engine
+  census per engine (:mod:`llada_edge.engines.census`).
 
 Every step goes through :func:`~llada_edge.buildfolder.build_step`: keyed by its source graph, recipe and
 builder, skipped when up to date, written to a temporary folder and renamed into place.
@@ -15,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from llada_edge.buildfolder import (
     CALIBRATION,
@@ -33,28 +37,30 @@ from llada_edge.calibration.recipes import Recipe, get_recipe
 from llada_edge.components import Component, Registry
 from llada_edge.errors import InputError
 
-BUILDER_VERSION = 1
-TARGETS = ("onnxruntime", "tensorrt")
+BUILDER_VERSION = 6
+TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+GPU_DEFAULT_DTYPE = "fp16"  # a quantized recipe's unquantized parts on a GPU target, unless the export says bf16
 
 Progress = Callable[[str], None]
 
 
 def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision: str = "int4",
-                  overrides: dict[str, str] | None = None, report: bool = True,
-                  progress: Progress = print) -> Manifest:
+                  overrides: dict[str, str] | None = None, report: bool = True, progress: Progress = print,
+                  sm: list[str] | None = None, components: list[str] | None = None) -> Manifest:
+    """``llada-edge build``. ``sm``: tensorrt-rtx's compute capabilities; ``components``: names or groups to build
+    (tensorrt targets; default all)."""
     build_dir = Path(build_dir).absolute()
     recipe = get_recipe(precision, overrides)
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r} (expected one of {list(TARGETS)})")
-    Manifest.load(build_dir)  # not a build folder: say so before taking its lock
-    if target == "tensorrt":
-        from llada_edge.engines.tensorrt_builder import build_tensorrt_engines, gpu_sm, import_tensorrt
-
-        trt, sm = import_tensorrt(), gpu_sm()  # before any CPU work: without TensorRT or a GPU, stop at once
-        with build_lock(build_dir, "building engines"):
-            manifest = Manifest.load(build_dir)
-            sources = ensure_qdq_graphs(build_dir, manifest, recipe, progress)
-            return build_tensorrt_engines(build_dir, manifest, recipe, sources, trt, sm, progress)
+    manifest = Manifest.load(build_dir)  # not a build folder: say so before taking its lock
+    if target != "onnxruntime":
+        return _build_tensorrt(build_dir, manifest, target, recipe, sm, components, progress)
+    if components:
+        raise InputError("--components applies to the tensorrt targets (onnxruntime builds every quantized graph)")
+    if recipe.dtype != "fp32":
+        raise InputError(f"recipe {recipe.name} ({recipe.dtype}) is for GPU targets (tensorrt, tensorrt-rtx); "
+                         "onnxruntime runs fp32 and the fp8/int8/int4/mixed recipes")
     with build_lock(build_dir, "building engines"):
         manifest = Manifest.load(build_dir)
         if recipe.is_float:
@@ -68,15 +74,41 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
         return Manifest.load(build_dir)
 
 
+def gpu_recipe(recipe: Recipe, manifest: Manifest) -> Recipe:
+    """A quantized recipe on a GPU target keeps its unquantized parts in the export's half dtype (``export
+    --dtype``), else fp16; the float recipes (fp32, fp16, bf16) are what they say."""
+    if recipe.is_float or recipe.dtype != "fp32":
+        return recipe
+    exported = str(manifest.options.get("dtype", "fp32"))
+    return recipe.in_dtype(exported if exported != "fp32" else GPU_DEFAULT_DTYPE)
+
+
+def _build_tensorrt(build_dir: Path, manifest: Manifest, target: str, recipe: Recipe, sm: list[str] | None,
+                    components: list[str] | None, progress: Progress) -> Manifest:
+    from llada_edge.engines.tensorrt_builder import build_tensorrt_engines
+    from llada_edge.engines.tensorrt_flavours import get_flavour
+
+    flavour = get_flavour(target)
+    trt = flavour.load()  # before any CPU work: without the library (or, for tensorrt, a GPU) stop at once
+    archs = flavour.architectures(sm)
+    recipe = flavour.fit(gpu_recipe(recipe, manifest), progress)
+    selected = _selected(build_dir, manifest, components)
+    flavour.check_recipe(recipe, selected, archs)
+    with build_lock(build_dir, "building engines"):
+        manifest = Manifest.load(build_dir)
+        sources = ensure_gpu_graphs(build_dir, manifest, recipe, progress, [c.name for c in selected])
+        return build_tensorrt_engines(build_dir, manifest, recipe, sources, flavour, trt, archs, progress)
+
+
 def quantize_build(build_dir: str | Path, precision: str = "fp8", overrides: dict[str, str] | None = None,
                    progress: Progress = print) -> dict[str, Path]:
-    """``llada-edge quantize``: the ModelOpt Q/DQ graphs of a recipe (CPU only; calibration captured if missing);
-    returns the graph folder each TensorRT engine would be built from."""
+    """``llada-edge quantize``: the GPU graphs of a recipe (ModelOpt Q/DQ, in the recipe's dtype; CPU only;
+    calibration captured if missing); returns the graph folder each TensorRT engine would be built from."""
     build_dir = Path(build_dir).absolute()
     recipe = get_recipe(precision, overrides)
-    Manifest.load(build_dir)
+    manifest = Manifest.load(build_dir)
     with build_lock(build_dir, "quantizing"):
-        return ensure_qdq_graphs(build_dir, Manifest.load(build_dir), recipe, progress)
+        return ensure_gpu_graphs(build_dir, Manifest.load(build_dir), gpu_recipe(recipe, manifest), progress)
 
 
 def verified_sources(build_dir: Path, manifest: Manifest) -> list[Component]:
@@ -134,35 +166,77 @@ def ensure_calibration(build_dir: Path, manifest: Manifest, progress: Progress) 
     return calibrate_build(build_dir, manifest, progress=progress).key
 
 
-def ensure_qdq_graphs(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress) -> dict[str, Path]:
-    """The graph folder each TensorRT engine is built from: ModelOpt Q/DQ where the recipe quantizes, else fp32."""
-    from llada_edge.engines.qdq import quantize_component
+def _selected(build_dir: Path, manifest: Manifest, names: list[str] | None) -> list[Component]:
+    exported = Registry.of_build(build_dir).exported(manifest)
+    wanted = {c.name for c in Registry.of_build(build_dir).select(names)}
+    missing = [n for n in sorted(wanted) if n not in {c.name for c in exported}]
+    if names and missing:
+        raise InputError(f"{build_dir}: {missing[0]} was not exported (run `llada-edge export --components ...`)")
+    return [c for c in exported if c.name in wanted]
+
+
+def ensure_gpu_graphs(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress,
+                      names: list[str] | None = None) -> dict[str, Path]:
+    """The graph folder each TensorRT engine is built from: ModelOpt Q/DQ where the recipe quantizes, in the
+    recipe's dtype (:func:`~llada_edge.engines.qdq.gpu_graph`); the fp32 export itself for the fp32 recipe.
+    ``names``: only these components (default all exported)."""
+    from llada_edge.engines.half import validate_half
+    from llada_edge.engines.qdq import gpu_graph
     from llada_edge.export.allowlist import check_tensorrt_compatible
 
-    components = verified_sources(build_dir, manifest)
+    components = [c for c in verified_sources(build_dir, manifest) if names is None or c.name in names]
     ort_layers = [c.name for c in components if manifest.components[c.name].meta.get("moe") == "ort"]
     if ort_layers:
         raise InputError(f"{build_dir}: {ort_layers[0]} uses the com.microsoft MoE lowering, which TensorRT cannot "
-                         "parse; export with --moe dense for the tensorrt target")
+                         "parse; export with --moe dense for the tensorrt targets")
     sources: dict[str, Path] = {}
     calibration_key: str | None = None
+    failures = []
     for i, component in enumerate(components, start=1):
         fmt = recipe.graph_format(component.graph_kinds)
-        if fmt == "fp32":
+        if fmt == "fp32" and recipe.dtype == "fp32":
             sources[component.name] = build_dir / Artifact.onnx(component.name).folder
             continue
-        calibration_key = calibration_key or ensure_calibration(build_dir, manifest, progress)
+        if fmt != "fp32":
+            calibration_key = calibration_key or ensure_calibration(build_dir, manifest, progress)
         artifact = Artifact.qdq_graph(recipe.name, component.name)
         key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
-                           versions_of(["nvidia-modelopt"]), calibration_key])
+                           versions_of(["nvidia-modelopt"]), calibration_key if fmt != "fp32" else None])
 
-        def quantize(src: Path, tmp: Path, component: Component = component) -> dict[str, Any]:
-            meta = quantize_component(src, tmp, component, recipe, build_dir / "calibration")
+        def derive(src: Path, tmp: Path, component: Component = component, fmt: str = fmt) -> dict[str, Any]:
+            meta = gpu_graph(src, tmp, component, recipe, build_dir / "calibration")
             meta["tensorrt_allowlist_violations"] = [str(v) for v in check_tensorrt_compatible(tmp / "model.onnx")]
+            if fmt == "fp32" and recipe.dtype == "fp16":  # ONNX Runtime's CPU provider runs fp16, not bf16
+                meta["validation"] = validate_half(src, tmp / "model.onnx",
+                                                   component.validation_cases(np.random.default_rng(0)))
             return meta
 
-        entry, built = _derived_step(build_dir, manifest, artifact, component, key, quantize)
+        entry, built = _derived_step(build_dir, manifest, artifact, component, key, derive)
         sources[component.name] = build_dir / artifact.folder
-        where = f"quantize [{i}/{len(components)}] {component.name} ({fmt})"
-        progress(f"{where}: {entry.meta['seconds']:.1f} s" if built else f"{where}: up to date")
+        check = entry.meta.get("validation")
+        if check and not check["passed"]:
+            failures.append(f"{component.name} (max rel err {check['max_rel']:.1e}, {check['rows_within']:.0%} of rows "
+                            f"within {check['tolerance_rel']:g})")
+        what = f"{fmt} in {recipe.dtype}" if fmt != "fp32" else recipe.dtype
+        where = f"gpu graph [{i}/{len(components)}] {component.name} ({what})"
+        note = (f", vs fp32: {check['rows_within']:.1%} of rows within {check['tolerance_rel']:g}, worst "
+                f"{check['max_rel']:.1e}") if check else ""
+        progress(f"{where}: {entry.meta['seconds']:.1f} s{note}" if built else f"{where}: up to date")
+    if failures:
+        from llada_edge.export.build import ValidationFailed
+
+        raise ValidationFailed(f"{recipe.dtype} graphs beyond tolerance vs fp32: {', '.join(failures)}", file=build_dir)
     return sources
+
+
+def prepare_half_graphs(build_dir: str | Path, dtype: str, progress: Progress = print) -> dict[str, Path]:
+    """``export --dtype fp16|bf16``: the build's half-precision GPU graphs (validated on ONNX Runtime for fp16),
+    recorded as the export's GPU dtype, which quantized GPU recipes then keep their unquantized parts in."""
+    build_dir = Path(build_dir).absolute()
+    Manifest.load(build_dir)
+    with build_lock(build_dir, "writing half-precision graphs"):
+        manifest = Manifest.load(build_dir)
+        sources = ensure_gpu_graphs(build_dir, manifest, get_recipe(dtype), progress)
+        manifest.options["dtype"] = dtype
+        manifest.save(build_dir)
+        return sources

@@ -90,6 +90,7 @@ class EngineSession(CacheCounters, ABC, Generic[StepT]):
     for one (rows, tokens) step shape (:class:`StepBuffers` plus what the backend keeps with them)."""
 
     provides_key_importance = False  # the graphs output no attention scores (SPRINT pruning needs them)
+    float_dtype: np.dtype[Any] = np.dtype(np.float32)  # hidden states and block K/V: the graphs' float type
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -115,9 +116,9 @@ class EngineSession(CacheCounters, ABC, Generic[StepT]):
         layers = self.registry.layers
         return {"ids": allocate((rows, tokens), np.int64), "positions": allocate((rows, tokens), np.int64),
                 "mask": allocate((rows, tokens, self._valid.shape[1] + tokens), np.bool_),
-                "hidden": tuple(allocate((rows, tokens, b.hidden_size), np.float32) for _ in range(2)),
-                "k_blk": [allocate(block_kv, np.float32) for _ in layers],
-                "v_blk": [allocate(block_kv, np.float32) for _ in layers]}
+                "hidden": tuple(allocate((rows, tokens, b.hidden_size), self.float_dtype) for _ in range(2)),
+                "k_blk": [allocate(block_kv, self.float_dtype) for _ in layers],
+                "v_blk": [allocate(block_kv, self.float_dtype) for _ in layers]}
 
     def _step_graphs(self, step: StepT) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
         """(component, inputs, outputs) of each graph of a backbone pass, in order: embed, then every layer

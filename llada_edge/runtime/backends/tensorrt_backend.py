@@ -1,18 +1,24 @@
-"""The TensorRT backend: the ``tensorrt/<precision>/<component>`` engines of a build, on one CUDA stream.
+"""The TensorRT backend: the ``<target>/<precision>/<component>`` engines of a build (``tensorrt`` or
+``tensorrt-rtx``), on one CUDA stream.
 
 * Device memory is allocated per request and per step shape, never per step: the KV cache of every
   layer ([B, Hkv, capacity, hd]), the step inputs (ids, positions, mask), hidden ping-pong buffers and
   each layer's block K/V. Step inputs are *uploaded into* those fixed buffers, so a captured CUDA
-  graph stays valid from step to step.
+  graph stays valid from step to step. Their types are the engines' I/O types (fp16/bf16 graphs move half
+  the bytes), read from the layer and embed engines, not assumed.
 * CUDA graphs: the first step of a shape key (rows x block tokens x capacity) runs once eagerly
   (TensorRT sets up its resources), then the embed + all-layer enqueue sequence is captured into one
   graph and every later step of that key is a single ``cudaGraphLaunch``. A key whose capture fails
   falls back to eager enqueues and is recorded in ``graph_fallbacks``.
 * Commits copy each layer's block K/V into the cache slice with one strided ``cudaMemcpy2DAsync``.
+* TensorRT-RTX compiles its engines just in time on the RTX GPU; the runtime cache that keeps those kernels is
+  loaded from and saved to ``engines/tensorrt-rtx/runtime.<architectures>.cache`` next to the engines.
 
-Needs ``tensorrt`` and ``cuda-python``; import-guarded (a clear InputError, exit code 2, without them).
-Written against the TensorRT 10/11 and cuda-python 12/13 Python APIs. **Not run**: TensorRT cannot be
-installed on the development and CI machines and no GPU was available; its tests skip with that reason.
+Needs ``tensorrt`` (or ``tensorrt_rtx``) and ``cuda-python``; import-guarded (a clear InputError, exit code 2,
+without them). On a real GPU this has **not run** (no RTX GPU or TensorRT GPU machine was available). Its logic
+runs in the tests on :mod:`~llada_edge.runtime.backends.tensorrt_host` (``libraries=host_libraries(build)``):
+cudart calls checked against the real cuda-python binding and carried out on host memory, engines run as their
+graphs on ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -28,32 +34,9 @@ from llada_edge.buildfolder import Artifact, Manifest, check_not_being_written
 from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
 from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffers
+from llada_edge.runtime.backends.gpu_libs import TENSORRT_MODULES, cuda_check, import_cudart, import_tensorrt
 
-INSTALL_HINT = ("the tensorrt backend needs TensorRT and cuda-python (pip install tensorrt cuda-python, from "
-                "NVIDIA's index) and an NVIDIA GPU; use --backend onnxruntime on this machine")
-
-
-def _import_cuda() -> tuple[Any, Any]:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise InputError(INSTALL_HINT) from None
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise InputError(INSTALL_HINT) from None
-    return trt, cudart
-
-
-def _ok(result: Any) -> Any:
-    """cuda-python returns (error, *values): raise on error, return the values."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA error {err}")
-    return values[0] if len(values) == 1 else values
+_ok = cuda_check
 
 
 class _DeviceArray:
@@ -92,8 +75,9 @@ class TensorRTBackend(EngineSession[_Step]):
     fused_head_kinds: tuple[str, ...] = ("text", "image")
 
     def __init__(self, build_dir: str | Path, precision: str = "fp32", cuda_graphs: bool = True,
-                 verify: bool = True) -> None:
-        self.trt, self.cudart = _import_cuda()
+                 verify: bool = True, target: str | None = None, libraries: tuple[Any, Any] | None = None) -> None:
+        """``target``: ``tensorrt`` or ``tensorrt-rtx`` (default: the one the build has engines of); ``libraries``:
+        ``(tensorrt module, cudart module)`` to use instead of the installed ones (the host stand-in)."""
         self.build_dir = Path(build_dir)
         check_not_being_written(self.build_dir)
         self.manifest = Manifest.load(self.build_dir)
@@ -101,27 +85,84 @@ class TensorRTBackend(EngineSession[_Step]):
             self.manifest.verify(self.build_dir)
         self.precision = precision
         super().__init__(ModelConfig.from_folder(self.build_dir / "model"))
+        self.target = target or self._built_target()
+        self.trt, self.cudart = libraries or (import_tensorrt(self.target), import_cudart())
         self.cuda_graphs = cuda_graphs
         self.graph_fallbacks: list[str] = []
         self._runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self._engines: dict[str, tuple[Any, Any]] = {}
+        self._runtime_cache: Any = None
         self.stream = _ok(self.cudart.cudaStreamCreate())
         self._steps: dict[tuple[int, int], _Step] = {}
+        layer = self.registry.layers[0].name
+        self.float_dtype = self._io_dtype(layer, "hidden")  # fp32, or the half type of fp16/bf16 engines
+        self._cache_dtype = self._io_dtype(layer, "past_k")
+
+    def _built_target(self) -> str:
+        embed = self.registry.embed.name
+        built = [t for t in TENSORRT_MODULES
+                 if Artifact.trt_engine(t, self.precision, embed).entry in self.manifest.components]
+        if not built:
+            raise InputError(f"{self.build_dir}: no {self.precision} TensorRT engines; run `llada-edge build "
+                             f"--target tensorrt-rtx --precision {self.precision}` (or --target tensorrt)")
+        return built[0]
 
     # -- engines ----------------------------------------------------------------------------------
 
     def _context(self, name: str) -> tuple[Any, Any]:
         if name not in self._engines:
-            entry = self.manifest.components.get(Artifact.trt_engine(self.precision, name).entry)
+            entry = self.manifest.components.get(Artifact.trt_engine(self.target, self.precision, name).entry)
             if entry is None:
-                raise InputError(f"{self.build_dir}: no {self.precision} TensorRT engine for {name}; run `llada-edge "
-                                 f"build --target tensorrt --precision {self.precision}`")
+                raise InputError(f"{self.build_dir}: no {self.precision} {self.target} engine for {name}; run "
+                                 f"`llada-edge build --target {self.target} --precision {self.precision}`")
             plan = next(self.build_dir / f.path for f in entry.files if f.path.endswith(".plan"))
             engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
             if engine is None:
-                raise InputError("TensorRT could not load the engine (built for another TensorRT or GPU?)", file=plan)
-            self._engines[name] = (engine, engine.create_execution_context())
+                raise InputError(f"{self.target} could not load the engine (built for another version or GPU?)",
+                                 file=plan)
+            if hasattr(engine, "create_runtime_config"):  # TensorRT-RTX: kernels JIT-compiled, kept in a cache
+                config = engine.create_runtime_config()
+                config.set_runtime_cache(self._shared_runtime_cache(config, entry.meta.get("architectures", [])))
+                self._engines[name] = (engine, engine.create_execution_context(config))
+            else:
+                self._engines[name] = (engine, engine.create_execution_context())
         return self._engines[name]
+
+    def _runtime_cache_path(self, archs: list[str]) -> Path:
+        return self.build_dir / "engines" / self.target / f"runtime.{'+'.join(archs) or 'any'}.cache"
+
+    def _shared_runtime_cache(self, config: Any, archs: list[str]) -> Any:
+        """One runtime cache for all engines of the session, seeded from the file next to the engines."""
+        if self._runtime_cache is None:
+            self._runtime_cache = config.create_runtime_cache()
+            self._runtime_cache_file = self._runtime_cache_path(archs)
+            if self._runtime_cache_file.is_file():
+                self._runtime_cache.deserialize(self._runtime_cache_file.read_bytes())
+        return self._runtime_cache
+
+    def save_runtime_cache(self) -> Path | None:
+        """Write TensorRT-RTX's runtime cache (the kernels compiled so far) next to the engines, atomically."""
+        if self._runtime_cache is None:
+            return None
+        from llada_edge.buildfolder.files import atomic_write_bytes
+
+        atomic_write_bytes(self._runtime_cache_file, bytes(self._runtime_cache.serialize()))
+        return Path(self._runtime_cache_file)
+
+    def close(self) -> None:
+        """Save the runtime cache (TensorRT-RTX) and free the device buffers."""
+        self.save_runtime_cache()
+        for buf in [*self._k, *self._v]:
+            buf.free()
+        for step in self._steps.values():
+            for buf in [step.ids, step.positions, step.mask, *step.hidden, *step.k_blk, *step.v_blk]:
+                buf.free()
+        self._k, self._v = [], []
+        self._steps.clear()
+
+    def _io_dtype(self, name: str, tensor: str) -> np.dtype[Any]:
+        engine, _ = self._context(name)
+        return np.dtype(self.trt.nptype(engine.get_tensor_dtype(tensor)))
 
     def _enqueue(self, name: str, inputs: dict[str, _DeviceArray], outputs: dict[str, _DeviceArray]) -> None:
         _, ctx = self._context(name)
@@ -134,11 +175,13 @@ class TensorRTBackend(EngineSession[_Step]):
             raise RuntimeError(f"TensorRT failed to run {name}")
 
     def _run_host(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """A whole component on host arrays (image side: called a few times per request)."""
+        """A whole component on host arrays (image side: called a few times per request), each input in the
+        engine's type; float outputs come back as float32 (what the sampler and decoders take)."""
         engine, ctx = self._context(name)
         inputs = {}
         for tensor, array in feeds.items():
-            buf = _DeviceArray(self.cudart, array.shape, array.dtype)
+            dtype = np.dtype(self.trt.nptype(engine.get_tensor_dtype(tensor)))
+            buf = _DeviceArray(self.cudart, array.shape, dtype)
             buf.upload(array, self.stream)
             inputs[tensor] = buf
             ctx.set_input_shape(tensor, array.shape)
@@ -149,7 +192,7 @@ class TensorRTBackend(EngineSession[_Step]):
                 dtype = self.trt.nptype(engine.get_tensor_dtype(tensor))
                 outputs[tensor] = _DeviceArray(self.cudart, tuple(ctx.get_tensor_shape(tensor)), dtype)
         self._enqueue(name, inputs, outputs)
-        result = [buf.download(self.stream) for buf in outputs.values()]
+        result = [_widen(buf.download(self.stream)) for buf in outputs.values()]
         for buf in [*inputs.values(), *outputs.values()]:
             buf.free()
         return result
@@ -160,8 +203,8 @@ class TensorRTBackend(EngineSession[_Step]):
         shape = self._cache_shape(rows, capacity)
         for buf in [*self._k, *self._v]:
             buf.free()
-        self._k = [_DeviceArray(self.cudart, shape, np.float32) for _ in self.registry.layers]
-        self._v = [_DeviceArray(self.cudart, shape, np.float32) for _ in self.registry.layers]
+        self._k = [_DeviceArray(self.cudart, shape, self._cache_dtype) for _ in self.registry.layers]
+        self._v = [_DeviceArray(self.cudart, shape, self._cache_dtype) for _ in self.registry.layers]
         self._steps.clear()  # captured graphs point at the old cache
 
     def _reset_cache(self) -> None:
@@ -215,17 +258,18 @@ class TensorRTBackend(EngineSession[_Step]):
     def _store_block(self, step: _Step, start: int, tokens: int) -> None:
         b, cu = self.config.backbone, self.cudart
         rows = step.ids.shape[0]
-        row_bytes = tokens * b.head_dim * 4
-        pitch = self._valid.shape[1] * b.head_dim * 4
+        item = self._cache_dtype.itemsize
+        row_bytes = tokens * b.head_dim * item
+        pitch = self._valid.shape[1] * b.head_dim * item
         for i in range(len(self.registry.layers)):  # [B*Hkv] rows of T*hd floats into the cache at column start
             for blk, cache in ((step.k_blk[i], self._k[i]), (step.v_blk[i], self._v[i])):
-                _ok(cu.cudaMemcpy2DAsync(cache.ptr + start * b.head_dim * 4, pitch, blk.ptr, row_bytes, row_bytes,
+                _ok(cu.cudaMemcpy2DAsync(cache.ptr + start * b.head_dim * item, pitch, blk.ptr, row_bytes, row_bytes,
                                          rows * b.num_key_value_heads, cu.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                                          self.stream))
 
     def _hidden_of(self, step: _Step) -> np.ndarray:
         out: _DeviceArray = self._final_hidden(step)
-        return out.download(self.stream)
+        return _widen(out.download(self.stream))
 
     # -- heads and image side ---------------------------------------------------------------------
 
@@ -256,3 +300,8 @@ class TensorRTBackend(EngineSession[_Step]):
     def vae_decode(self, latent: np.ndarray) -> np.ndarray:
         vae = self.registry.vae_decoder
         return self._run_host(vae.name, vae.feeds(latent.astype(np.float32)))[0]
+
+
+def _widen(array: np.ndarray) -> np.ndarray:
+    """Half-precision engine outputs as float32 on the host (the sampler's and decoders' type)."""
+    return array.astype(np.float32) if array.dtype == np.float16 or array.dtype.kind == "V" else array
