@@ -5,11 +5,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CHECKPOINT ?= build/tiny-ckpt
-BUILD ?= build/engines-tiny
 TARGET ?= onnxruntime
+# The tensorrt targets need the dense MoE lowering: their own build folder, so the onnxruntime one keeps its graphs.
+BUILD ?= build/engines-tiny$(if $(filter tensorrt%,$(TARGET)),-dense)
 PRECISION ?= fp32
+SM ?= sm89 sm120
 
-.PHONY: install run engines bench test lint clean
+.PHONY: install typings run engines bench test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +20,23 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[torch,onnx,quant,dev]"
+	$(PY) -m pip install --quiet -e ".[torch,onnx,quant,rtx,dev]"
+	$(MAKE) --no-print-directory typings
 	touch $@
+
+# Type information for mypy (pyproject's mypy_path): stubgen's stubs of tensorrt_rtx's own pybind11 binding, the
+# TensorRT API both flavours share, with the signatures of the installed version. (tensorrt-stubs 10.13 does not
+# parse: parameters named `in`, a non-default parameter after defaults; and installed it leaves an importable
+# empty `tensorrt` package.) One binding signature is not valid Python (add_scale_nd: a required parameter after
+# defaults); it gets a default.
+typings:
+	rm -rf $(VENV)/typings
+	$(VENV)/bin/stubgen --quiet -p tensorrt_rtx_bindings -o $(VENV)/typings
+	sed -i 's/power: Weights = \.\.\., channel_axis: typing.SupportsInt)/power: Weights = ..., channel_axis: typing.SupportsInt = ...)/' \
+		$(VENV)/typings/tensorrt_rtx_bindings/tensorrt_rtx.pyi
+	mkdir -p $(VENV)/typings/tensorrt_rtx
+	printf 'from tensorrt_rtx_bindings import *\nfrom tensorrt_rtx_bindings import __version__ as __version__\n' \
+		> $(VENV)/typings/tensorrt_rtx/__init__.pyi
 
 # Written atomically by `synth`: config.json exists only once the folder is complete.
 build/tiny-ckpt/config.json: | install
@@ -36,16 +53,17 @@ run: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/config
 	$(PY) -m llada_edge.cli run edit --model $(CHECKPOINT) --image build/run/t2i.png \
 		--prompt "make it night" --out build/run/edit.png
 
-# Synthetic checkpoint -> ONNX export (validated against the reference) -> engines for TARGET/PRECISION
-# (with an accuracy report) -> one t2i, one understanding and one edit request on ONNX Runtime -> timing
-# table. TARGET=tensorrt exports the dense MoE lowering and needs TensorRT + a GPU. Re-running skips every
-# up-to-date step.
+# Synthetic checkpoint -> ONNX export (validated against the reference) -> engines for TARGET/PRECISION.
+# onnxruntime: quantized graphs with an accuracy report, then one t2i, one understanding and one edit request and a
+# timing table. tensorrt-rtx: real TensorRT-RTX engines for the compute capabilities SM (no GPU needed to build;
+# they run on RTX GPUs), each with an engine census; PRECISION fp16 | bf16 | fp8 | int4 | mixed | fp32.
+# tensorrt: the same with full TensorRT (needs it installed and a GPU). Re-running skips every up-to-date step.
 engines: install $(if $(filter build/tiny-ckpt,$(CHECKPOINT)),build/tiny-ckpt/config.json)
 	$(PY) -m llada_edge.cli export --checkpoint $(CHECKPOINT) --out $(BUILD) \
-		--moe $(if $(filter tensorrt,$(TARGET)),dense,ort)
-	$(if $(filter fp32,$(PRECISION)),$(if $(filter tensorrt,$(TARGET)),$(PY) -m llada_edge.cli build --build $(BUILD) \
-		--target $(TARGET) --precision $(PRECISION)),$(PY) -m llada_edge.cli build --build $(BUILD) --target $(TARGET) \
-		--precision $(PRECISION))
+		--moe $(if $(filter tensorrt%,$(TARGET)),dense,ort)
+	$(if $(filter onnxruntime,$(TARGET)),$(if $(filter-out fp32,$(PRECISION)),$(PY) -m llada_edge.cli build \
+		--build $(BUILD) --target onnxruntime --precision $(PRECISION)),$(PY) -m llada_edge.cli build --build $(BUILD) \
+		--target $(TARGET) --precision $(PRECISION) $(if $(filter tensorrt-rtx,$(TARGET)),--sm $(SM)))
 	$(if $(filter onnxruntime,$(TARGET)),$(PY) -m llada_edge.cli demo --model $(BUILD) --precision $(PRECISION) \
 		--out $(BUILD)/demo-$(PRECISION))
 

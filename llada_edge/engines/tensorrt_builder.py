@@ -28,8 +28,8 @@ from llada_edge.engines.tensorrt_flavours import Flavour
 from llada_edge.errors import InputError
 from llada_edge.export.allowlist import assert_tensorrt_compatible
 
-if TYPE_CHECKING:  # checked against tensorrt-stubs (the API both flavours share)
-    import tensorrt
+if TYPE_CHECKING:  # checked against stubs generated from tensorrt_rtx's binding: the API both flavours share
+    import tensorrt_rtx as tensorrt
 
 BUILDER_VERSION = 2
 
@@ -90,12 +90,17 @@ def _config(trt: Any, builder: tensorrt.Builder, flavour: Flavour, archs: tuple[
             config.set_compute_capability(getattr(trt.ComputeCapability, arch.upper()), i)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
+        profile.set_shape(name, trt.Dims(lo), trt.Dims(opt), trt.Dims(hi))
     config.add_optimization_profile(profile)
     if not flavour.ahead_of_time:  # TensorRT-RTX does not time tactics at build (its kernels are JIT-compiled)
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     return config
+
+
+def _host_bytes(memory: tensorrt.IHostMemory) -> bytes:
+    """The bytes of a serialised plan or cache (IHostMemory has the buffer protocol; its stub does not say so)."""
+    return bytes(memoryview(memory))  # type: ignore[arg-type]
 
 
 def build_engine(trt: Any, flavour: Flavour, onnx_path: Path, plan_path: Path, shapes: Shapes,
@@ -108,9 +113,9 @@ def build_engine(trt: Any, flavour: Flavour, onnx_path: Path, plan_path: Path, s
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise InputError(f"{trt.__name__} failed to build the engine (see its log above)", file=onnx_path)
-    plan_path.write_bytes(memoryview(plan))
+    plan_path.write_bytes(_host_bytes(plan))
     if not flavour.ahead_of_time:
-        cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        cache_path.write_bytes(_host_bytes(config.get_timing_cache().serialize()))
     if logger.layers:
         layers = parse_layer_log(logger.layers)
     else:  # pragma: no cover - full TensorRT on a GPU: ask the loaded engine

@@ -15,7 +15,7 @@ from llada_edge.buildfolder import Manifest
 from llada_edge.calibration.recipes import RECIPES
 from llada_edge.cli import main
 from llada_edge.components import Registry
-from llada_edge.engines.build import ensure_qdq_graphs
+from llada_edge.engines.build import ensure_gpu_graphs
 from llada_edge.export.allowlist import check_tensorrt_compatible
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -51,7 +51,7 @@ def test_calibration_capture_covers_rows_ratios_and_experts(dense_build: Path) -
 @pytest.mark.parametrize("precision", ["fp8", "int8", "mixed"])
 def test_qdq_graphs_pass_the_allowlist_and_run(dense_build: Path, precision: str, measure) -> None:
     manifest = Manifest.load(dense_build)
-    sources = ensure_qdq_graphs(dense_build, manifest, RECIPES[precision], progress=lambda _m: None)
+    sources = ensure_gpu_graphs(dense_build, manifest, RECIPES[precision], progress=lambda _m: None)
     quantized = {n: p for n, p in sources.items() if "quant" in p.parts}
     assert {"layer_1", "dit_turbo", "vision_tokenizer"} <= set(quantized)
     cfg = __import__("llada_edge.config", fromlist=["ModelConfig"]).ModelConfig.from_folder(dense_build / "model")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,9 @@ from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
 from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffers
 from llada_edge.runtime.backends.gpu_libs import TENSORRT_MODULES, cuda_check, import_cudart, import_tensorrt
+
+if TYPE_CHECKING:  # the engine and context calls are checked against stubs of tensorrt_rtx's binding
+    import tensorrt_rtx as tensorrt
 
 _ok = cuda_check
 
@@ -90,13 +93,21 @@ class TensorRTBackend(EngineSession[_Step]):
         self.cuda_graphs = cuda_graphs
         self.graph_fallbacks: list[str] = []
         self._runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
-        self._engines: dict[str, tuple[Any, Any]] = {}
+        self._engines: dict[str, tuple[tensorrt.ICudaEngine, tensorrt.IExecutionContext]] = {}
         self._runtime_cache: Any = None
-        self.stream = _ok(self.cudart.cudaStreamCreate())
+        self.stream = self._create_stream()
         self._steps: dict[tuple[int, int], _Step] = {}
         layer = self.registry.layers[0].name
         self.float_dtype = self._io_dtype(layer, "hidden")  # fp32, or the half type of fp16/bf16 engines
         self._cache_dtype = self._io_dtype(layer, "past_k")
+
+    def _create_stream(self) -> Any:
+        err, stream = self.cudart.cudaStreamCreate()
+        if int(err) != 0:
+            where = "RTX GPUs" if self.target == "tensorrt-rtx" else "the GPU they were built on"
+            raise InputError(f"the tensorrt backend needs an NVIDIA GPU and its driver; CUDA says {err} (engines of "
+                             f"{self.target} run on {where}); on this machine use --backend onnxruntime")
+        return stream
 
     def _built_target(self) -> str:
         embed = self.registry.embed.name
@@ -109,14 +120,14 @@ class TensorRTBackend(EngineSession[_Step]):
 
     # -- engines ----------------------------------------------------------------------------------
 
-    def _context(self, name: str) -> tuple[Any, Any]:
+    def _context(self, name: str) -> tuple[tensorrt.ICudaEngine, tensorrt.IExecutionContext]:
         if name not in self._engines:
             entry = self.manifest.components.get(Artifact.trt_engine(self.target, self.precision, name).entry)
             if entry is None:
                 raise InputError(f"{self.build_dir}: no {self.precision} {self.target} engine for {name}; run "
                                  f"`llada-edge build --target {self.target} --precision {self.precision}`")
             plan = next(self.build_dir / f.path for f in entry.files if f.path.endswith(".plan"))
-            engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+            engine: tensorrt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(plan.read_bytes())
             if engine is None:
                 raise InputError(f"{self.target} could not load the engine (built for another version or GPU?)",
                                  file=plan)
@@ -190,7 +201,8 @@ class TensorRTBackend(EngineSession[_Step]):
             tensor = engine.get_tensor_name(i)
             if engine.get_tensor_mode(tensor) == self.trt.TensorIOMode.OUTPUT:
                 dtype = self.trt.nptype(engine.get_tensor_dtype(tensor))
-                outputs[tensor] = _DeviceArray(self.cudart, tuple(ctx.get_tensor_shape(tensor)), dtype)
+                shape = ctx.get_tensor_shape(tensor)  # Dims: indexable, not iterable (in the binding's stub)
+                outputs[tensor] = _DeviceArray(self.cudart, tuple(int(shape[d]) for d in range(len(shape))), dtype)
         self._enqueue(name, inputs, outputs)
         result = [_widen(buf.download(self.stream)) for buf in outputs.values()]
         for buf in [*inputs.values(), *outputs.values()]:
