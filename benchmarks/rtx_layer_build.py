@@ -72,12 +72,29 @@ def layer_weights(build: Path) -> int:
     return sum(int(np.prod(init.dims)) for init in model.graph.initializer if len(init.dims) == 2)
 
 
+def forget(build: Path, precision: str) -> None:
+    """Drop this precision's GPU graph and engine of layer 1, so the measurement is a whole build."""
+    import shutil
+
+    from llada_edge.buildfolder import Artifact, Manifest, build_lock
+
+    with build_lock(build, "clearing a benchmark's artifacts"):
+        manifest = Manifest.load(build)
+        for artifact in (Artifact.qdq_graph(precision, "layer_1"), Artifact.trt_engine("tensorrt-rtx", precision,
+                                                                                       "layer_1")):
+            manifest.components.pop(artifact.entry, None)
+            shutil.rmtree(build / artifact.folder, ignore_errors=True)
+        manifest.save(build)
+
+
 def measure(build: Path, precision: str, weights: int) -> dict:
     from llada_edge.buildfolder import Artifact, Manifest
 
+    forget(build, precision)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(build), precision], capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"precision": precision, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1]}
+        said = [line for line in (proc.stderr + proc.stdout).splitlines() if "llada-edge" in line or "Error" in line]
+        return {"precision": precision, "error": (said or [f"exit code {proc.returncode}"])[-1][:300]}
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     manifest = Manifest.load(build)
     engine = manifest.components[Artifact.trt_engine("tensorrt-rtx", precision, "layer_1").entry]

@@ -151,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.dtype != "fp32":
         from llada_edge.engines.build import prepare_half_graphs
 
-        half = prepare_half_graphs(args.out, args.dtype, _progress)
+        half = prepare_half_graphs(args.out, args.dtype, _progress, args.components)
         print(f"{args.out}: {len(half)} {args.dtype} GPU graphs (quant/{args.dtype}/)")
     return 0
 

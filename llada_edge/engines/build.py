@@ -37,7 +37,7 @@ from llada_edge.calibration.recipes import Recipe, get_recipe
 from llada_edge.components import Component, Registry
 from llada_edge.errors import InputError
 
-BUILDER_VERSION = 6
+BUILDER_VERSION = 7
 TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 GPU_DEFAULT_DTYPE = "fp16"  # a quantized recipe's unquantized parts on a GPU target, unless the export says bf16
 
@@ -229,14 +229,16 @@ def ensure_gpu_graphs(build_dir: Path, manifest: Manifest, recipe: Recipe, progr
     return sources
 
 
-def prepare_half_graphs(build_dir: str | Path, dtype: str, progress: Progress = print) -> dict[str, Path]:
+def prepare_half_graphs(build_dir: str | Path, dtype: str, progress: Progress = print,
+                        components: list[str] | None = None) -> dict[str, Path]:
     """``export --dtype fp16|bf16``: the build's half-precision GPU graphs (validated on ONNX Runtime for fp16),
     recorded as the export's GPU dtype, which quantized GPU recipes then keep their unquantized parts in."""
     build_dir = Path(build_dir).absolute()
-    Manifest.load(build_dir)
+    manifest = Manifest.load(build_dir)
+    names = [c.name for c in _selected(build_dir, manifest, components)]
     with build_lock(build_dir, "writing half-precision graphs"):
         manifest = Manifest.load(build_dir)
-        sources = ensure_gpu_graphs(build_dir, manifest, get_recipe(dtype), progress)
+        sources = ensure_gpu_graphs(build_dir, manifest, get_recipe(dtype), progress, names)
         manifest.options["dtype"] = dtype
         manifest.save(build_dir)
         return sources

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from llada_edge.buildfolder.memory import release_memory
 from llada_edge.calibration.recipes import Recipe
 from llada_edge.components import Component
 from llada_edge.engines.census import Gemm
@@ -122,7 +123,8 @@ def gpu_graph(src: Path, dst: Path, component: Component, recipe: Recipe, calib_
         stage.mkdir()
         onnx.save(model, str(stage / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
                   size_threshold=1024)
-        del model
+        del model, classified
+        release_memory()  # each stage below loads the graph again: give this copy back to the OS first
         meta: dict[str, Any] = {"format": fmt, "dtype": recipe.dtype}
         if fmt != "fp32":
             quantized = dst if recipe.dtype == "fp32" else Path(tmp) / "qdq"
@@ -130,10 +132,11 @@ def gpu_graph(src: Path, dst: Path, component: Component, recipe: Recipe, calib_
             meta.update(_quantize(stage / "model.onnx", quantized, component, recipe, fmt, exclude, calib_dir))
             stage = quantized
             gemms, meta["left_unquantized"] = _as_quantized(gemms, stage / "model.onnx", recipe.dtype)
+            release_memory()
         meta["gemms"] = [asdict(g) for g in gemms]
         if recipe.dtype != "fp32":
-            samples = [feeds for _label, feeds in component.validation_cases(np.random.default_rng(0))]
-            meta["half"] = to_half(stage / "model.onnx", dst, recipe.dtype, keep, samples)
+            meta["half"] = to_half(stage / "model.onnx", dst, recipe.dtype, keep)
+            release_memory()
     _normalise_data_name(dst)
     return meta
 

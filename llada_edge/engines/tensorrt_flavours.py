@@ -28,8 +28,7 @@ FP8_MIN_SM = 89
 
 @dataclass(frozen=True)
 class Flavour:
-    target: str  # the build's --target
-    module: str  # the Python module
+    target: str  # the build's --target (its Python module: gpu_libs.TENSORRT_MODULES)
     tag: str  # in engine file names
     ahead_of_time: bool  # builds for named compute capabilities without a GPU
     formats: tuple[str, ...]  # Q/DQ formats its builder takes
@@ -85,8 +84,8 @@ class Flavour:
 
 
 FLAVOURS = {
-    "tensorrt": Flavour("tensorrt", "tensorrt", "trt", ahead_of_time=False, formats=("fp8", "int8", "int4")),
-    "tensorrt-rtx": Flavour("tensorrt-rtx", "tensorrt_rtx", "trtrtx", ahead_of_time=True, formats=("fp8", "int4")),
+    "tensorrt": Flavour("tensorrt", "trt", ahead_of_time=False, formats=("fp8", "int8", "int4")),
+    "tensorrt-rtx": Flavour("tensorrt-rtx", "trtrtx", ahead_of_time=True, formats=("fp8", "int4")),
 }
 
 

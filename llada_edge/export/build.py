@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
-import gc
 import io
 import logging
 import multiprocessing
@@ -50,6 +48,7 @@ from llada_edge.buildfolder import (
 )
 from llada_edge.buildfolder.files import SOURCE_HASHES, FileHashCache
 from llada_edge.buildfolder.lock import LOCK_NAME
+from llada_edge.buildfolder.memory import release_memory
 from llada_edge.checkpoint import CheckpointFolder
 from llada_edge.components import Component, ComponentSpec, Registry
 from llada_edge.errors import InputError, LladaEdgeError
@@ -70,14 +69,6 @@ Progress = Callable[[str], None]
 
 class ValidationFailed(LladaEdgeError):
     """An exported graph disagrees with the reference beyond the tolerance (the files are kept)."""
-
-
-def release_memory() -> None:
-    """Collect, then hand freed heap back to the OS (glibc keeps large freed arenas otherwise, and the
-    process would grow by one component per component instead of staying at one component)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _trace_inputs(spec: ComponentSpec, cfg_vocab: int) -> dict[str, torch.Tensor]:
