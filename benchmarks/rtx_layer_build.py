@@ -25,10 +25,11 @@ import numpy as np
 
 CHILD = """
 import json, resource, sys, time
+from llada_edge.calibration.recipes import parse_overrides
 from llada_edge.engines.build import build_engines
 start = time.perf_counter()
-build_engines(sys.argv[1], "tensorrt-rtx", sys.argv[2], sm=["sm89"], components=["layer_1"],
-              progress=lambda m: print(m, flush=True))
+build_engines(sys.argv[1], "tensorrt-rtx", sys.argv[2], parse_overrides(sys.argv[3:]), sm=["sm89"],
+              components=["layer_1"], progress=lambda m: print(m, flush=True))
 seconds = time.perf_counter() - start
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -72,6 +73,14 @@ def layer_weights(build: Path) -> int:
     return sum(int(np.prod(init.dims)) for init in model.graph.initializer if len(init.dims) == 2)
 
 
+def recipe_of(spec: str) -> tuple[str, list[str], str]:
+    """``int4:int4_method=rtn_dq`` -> ("int4", ["int4_method=rtn_dq"], the recipe's name in the build)."""
+    from llada_edge.calibration.recipes import get_recipe, parse_overrides
+
+    precision, *overrides = spec.split(":")
+    return precision, overrides, get_recipe(precision, parse_overrides(overrides)).name
+
+
 def forget(build: Path, precision: str) -> None:
     """Drop this precision's GPU graph and engine of layer 1, so the measurement is a whole build."""
     import shutil
@@ -87,11 +96,12 @@ def forget(build: Path, precision: str) -> None:
         manifest.save(build)
 
 
-def measure(build: Path, precision: str, weights: int) -> dict:
+def measure(build: Path, spec: str, weights: int) -> dict:
     from llada_edge.buildfolder import Artifact, Manifest
 
+    fmt, overrides, precision = recipe_of(spec)
     forget(build, precision)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(build), precision], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(build), fmt, *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
         said = [line for line in (proc.stderr + proc.stdout).splitlines() if "llada-edge" in line or "Error" in line]
         return {"precision": precision, "error": (said or [f"exit code {proc.returncode}"])[-1][:300]}
@@ -99,7 +109,7 @@ def measure(build: Path, precision: str, weights: int) -> dict:
     manifest = Manifest.load(build)
     engine = manifest.components[Artifact.trt_engine("tensorrt-rtx", precision, "layer_1").entry]
     graph = manifest.components.get(Artifact.qdq_graph(precision, "layer_1").entry)
-    expected = weights * BYTES_PER_WEIGHT[precision]
+    expected = weights * BYTES_PER_WEIGHT[fmt]
     return {"precision": precision, "total_s": round(result["seconds"], 1),
             "gpu_graph_s": graph.meta["seconds"] if graph else 0.0, "engine_s": engine.meta["seconds"],
             "peak_rss_gb": round(result["peak_rss"] / 1e9, 2), "engine_mb": round(engine.files[0].size / 1e6, 1),
@@ -130,7 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/rtx-uni"), help="checkpoint and build (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--precisions", nargs="+", default=["fp16", "fp8", "int4"])
+    parser.add_argument("--precisions", nargs="+", default=["fp16", "fp8", "int4:int4_method=rtn_dq", "int4"],
+                        help="recipes, each with optional :KIND=FORMAT / :int4_method=... overrides")
     args = parser.parse_args()
     start = time.perf_counter()
     build = prepare(args.workdir)

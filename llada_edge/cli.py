@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", nargs="+", metavar="KIND=FORMAT",
                    help=f"per-kind formats, e.g. dit=fp8 (kinds: {' '.join(KINDS)}; formats: fp32 fp8 int8 int4), "
                    "or dtype=bf16 (the float type of a tensorrt recipe's unquantized parts; default: the export's "
-                   "--dtype, else fp16)")
+                   "--dtype, else fp16), or int4_method=awq_clip|awq_lite|rtn_dq (tensorrt targets' int4 weights)")
     p.add_argument("--sm", nargs="+", metavar="SM", help="tensorrt-rtx: compute capabilities to build for "
                    "(sm75 sm80 sm86 sm89 sm120 sm121; default sm89 sm120; fp8 needs sm89+)")
     p.add_argument("--components", nargs="+", metavar="NAME", help="tensorrt targets: only these components or "

@@ -30,6 +30,10 @@ from llada_edge.errors import InputError
 
 FORMATS = ("fp32", "fp8", "int8", "int4")
 DTYPES = ("fp32", "fp16", "bf16")
+# ModelOpt's int4 weight methods for the TensorRT targets: AWQ with clip search (the default: the most accurate,
+# slow on a CPU at real dimensions), AWQ-lite (scales only), round-to-nearest (no calibration; seconds).
+INT4_METHODS = ("awq_clip", "awq_lite", "rtn_dq")
+SETTINGS = ("dtype", "int4_method")  # what --override may set besides the kinds' formats
 KINDS = ("experts", "dense", "dit", "vision", "router", "lm_head")
 
 
@@ -44,8 +48,12 @@ class Recipe:
     lm_head: str = "fp32"
     int4_block: int = 128
     dtype: str = "fp32"
+    int4_method: str = "awq_clip"
 
     def __post_init__(self) -> None:
+        if self.int4_method not in INT4_METHODS:
+            raise InputError(f"recipe {self.name!r}: int4_method={self.int4_method!r} is not one of "
+                             f"{list(INT4_METHODS)}")
         if self.dtype not in DTYPES:
             raise InputError(f"recipe {self.name!r}: dtype={self.dtype!r} is not one of {list(DTYPES)}")
         for kind in KINDS:
@@ -53,10 +61,10 @@ class Recipe:
                 raise InputError(f"recipe {self.name!r}: {kind}={getattr(self, kind)!r} is not one of {list(FORMATS)}")
 
     def with_overrides(self, **kinds: str) -> Recipe:
-        """Other formats for some kinds (and ``dtype=...``), under a name that says so."""
-        unknown = set(kinds) - {*KINDS, "dtype"}
+        """Other formats for some kinds (and the :data:`SETTINGS`), under a name that says so."""
+        unknown = set(kinds) - {*KINDS, *SETTINGS}
         if unknown:
-            raise InputError(f"unknown weight kinds {sorted(unknown)} (expected some of {[*KINDS, 'dtype']})")
+            raise InputError(f"unknown weight kinds {sorted(unknown)} (expected some of {[*KINDS, *SETTINGS]})")
         changes: dict[str, Any] = {"name": self.name + "".join(f"+{k}={v}" for k, v in sorted(kinds.items())), **kinds}
         return replace(self, **changes)
 

@@ -7,7 +7,8 @@ ModelOpt writes them from the *dense* fp32 graphs of a build with the captured c
 
 * fp8: e4m3 Q/DQ on activations and weights (max calibration);
 * int8: int8 Q/DQ (max calibration);
-* int4: AWQ-clip weight-only, block 128, symmetric (TensorRT rejects int4 zero points).
+* int4: weight-only, block 128, symmetric (TensorRT rejects int4 zero points), by the recipe's ``int4_method``:
+  AWQ with clip search (default), AWQ-lite, or round-to-nearest.
 
 One mode per graph: a decoder layer takes the experts' format (they are 94% of its weights), so
 ``mixed`` (experts int4, rest fp8) gives int4 layers and fp8 decoder/tokenizer graphs. The router, the
@@ -166,7 +167,7 @@ def _quantize(staged: Path, dst: Path, component: Component, recipe: Recipe, fmt
     logging.getLogger("modelopt").setLevel(logging.WARNING)
     # int8/fp8: GEMMs only (weights + their input activations). ModelOpt would also quantize Adds,
     # including the attention-mask bias whose masked entries are float32 min -> NaN scales.
-    options = {"calibration_method": "awq_clip", "block_size": recipe.int4_block} if fmt == "int4" else {
+    options = {"calibration_method": recipe.int4_method, "block_size": recipe.int4_block} if fmt == "int4" else {
         "calibration_method": "max", "op_types_to_quantize": ["MatMul", "Gemm", "Conv"]}
     quantize(onnx_path=str(staged), quantize_mode=fmt, calibration_data_reader=reader, calibration_eps=["cpu"],
              nodes_to_exclude=exclude, high_precision_dtype="fp32", use_external_data_format=True,

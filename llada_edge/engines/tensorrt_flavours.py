@@ -24,6 +24,7 @@ from llada_edge.runtime.backends.gpu_libs import import_cudart, import_tensorrt
 RTX_ARCHITECTURES = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 DEFAULT_RTX_ARCHITECTURES = ("sm89", "sm120")  # RTX 40 and RTX 50 series
 FP8_MIN_SM = 89
+BF16_MIN_SM = 80  # Turing (sm75) has no bf16 tensor cores
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class Flavour:
     def check_recipe(self, recipe: Recipe, components: list[Component], archs: tuple[str, ...]) -> None:
         """Stop before any work when a component's format is one this flavour cannot build (one line, naming the
         component, the recipe and what the target supports)."""
+        old = [a for a in archs if recipe.dtype == "bf16" and int(a[2:]) < BF16_MIN_SM]
+        if old:
+            raise InputError(f"recipe {recipe.name} runs in bf16, which {old[0]} does not have (bf16 needs compute "
+                             "capability 8.0+): choose --sm from sm80 up, or fp16")
         for component in components:
             fmt = recipe.graph_format(component.graph_kinds)
             if fmt == "fp32":
