@@ -166,8 +166,8 @@ def build_tensorrt_engines(build_dir: Path, manifest: Manifest, recipe: Recipe, 
         where = f"{flavour.target} [{i}/{len(sources)}] {name}"
         if built:
             summary = ", ".join(f"{k} x{n}" for k, n in sorted(entry.meta["census"]["summary"].items()))
-            progress(f"{where}: {entry.meta['seconds']} s, {entry.files[0].size / 1e6:.1f} MB"
-                     + (f", GEMM weights {summary}" if summary else ""))
+            progress(f"{where}: {entry.meta['seconds']} s, {entry.files[0].size / 1e6:.1f} MB (graph weights "
+                     f"{entry.meta['weight_bytes'] / 1e6:.1f} MB)" + (f", GEMM weights {summary}" if summary else ""))
         else:
             progress(f"{where}: up to date")
     return manifest
