@@ -37,7 +37,7 @@ from llada_edge.calibration.recipes import Recipe, get_recipe
 from llada_edge.components import Component, Registry
 from llada_edge.errors import InputError
 
-BUILDER_VERSION = 7
+BUILDER_VERSION = 8
 TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 GPU_DEFAULT_DTYPE = "fp16"  # a quantized recipe's unquantized parts on a GPU target, unless the export says bf16
 
@@ -55,6 +55,8 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
         raise InputError(f"unknown target {target!r} (expected one of {list(TARGETS)})")
     manifest = Manifest.load(build_dir)  # not a build folder: say so before taking its lock
     if target != "onnxruntime":
+        if "dtype" not in (overrides or {}):  # an explicit --override dtype=... is what it says
+            recipe = gpu_recipe(recipe, manifest)
         return _build_tensorrt(build_dir, manifest, target, recipe, sm, components, progress)
     if components:
         raise InputError("--components applies to the tensorrt targets (onnxruntime builds every quantized graph)")
@@ -76,7 +78,8 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
 
 def gpu_recipe(recipe: Recipe, manifest: Manifest) -> Recipe:
     """A quantized recipe on a GPU target keeps its unquantized parts in the export's half dtype (``export
-    --dtype``), else fp16; the float recipes (fp32, fp16, bf16) are what they say."""
+    --dtype``), else fp16; the float recipes (fp32, fp16, bf16) are what they say (and so is an explicit
+    ``--override dtype=...``: callers do not ask this then)."""
     if recipe.is_float or recipe.dtype != "fp32":
         return recipe
     exported = str(manifest.options.get("dtype", "fp32"))
@@ -91,7 +94,7 @@ def _build_tensorrt(build_dir: Path, manifest: Manifest, target: str, recipe: Re
     flavour = get_flavour(target)
     trt = flavour.load()  # before any CPU work: without the library (or, for tensorrt, a GPU) stop at once
     archs = flavour.architectures(sm)
-    recipe = flavour.fit(gpu_recipe(recipe, manifest), progress)
+    recipe = flavour.fit(recipe, progress)
     selected = _selected(build_dir, manifest, components)
     flavour.check_recipe(recipe, selected, archs)
     with build_lock(build_dir, "building engines"):

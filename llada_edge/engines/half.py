@@ -7,8 +7,8 @@ become half too (the KV cache, hidden states and logits are the bytes a step mov
 are untouched.
 
 fp16 graphs run on ONNX Runtime's CPU provider, so they are validated there against the fp32 graph; ONNX
-Runtime has no CPU kernels for most bf16 operators, so a bf16 graph is checked for structure only (every
-float tensor is bf16 except the kept operations) and proven by the engine build.
+Runtime has no CPU kernels for most bf16 operators, so for a bf16 graph only the float types of its initializers
+are recorded (``float_tensors``), and the engine build and its census are what prove it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ KEEP_FP32_OPS: dict[str, str] = {
     "Pow": "the square inside RMSNorm (same reason as ReduceMean)",
     "Sqrt": "the norm's denominator",
     "Reciprocal": "the norm's denominator",
-    "Sin": "RoPE / timestep tables: the angle (position x frequency) needs fp32 to place positions > 2048",
+    "Sin": "RoPE / timestep tables: the angle (position x frequency) needs fp32 to place positions > 2048; the "
+           "nodes computing the angle are kept too (keep_fp32_nodes)",
     "Cos": "RoPE / timestep tables (as Sin)",
     "ArgMax": "sampled token ids: ties in half-precision logits would change the argmax",
     "CumSum": "running sums grow past fp16's 11-bit mantissa",
@@ -47,6 +48,7 @@ KEEP_FP32_OPS: dict[str, str] = {
 # fp32 router GEMM between casts is also folded back to half by the builder (seen in the engine census).
 KEEP_FP32_KINDS = ("router",)
 _ROUTING_DEPTH = 64
+_ANGLE_DEPTH = 16  # Sin/Cos inputs are a few elementwise ops from the positions or the timestep
 # AutoCast can also keep nodes whose values exceed a bound in a reference run on ONNX Runtime; that run holds the
 # whole fp32 graph in ORT next to AutoCast's own copy (a real-dimension MoE layer, 3.3 GB of weights, was killed
 # for memory on a 24 GB machine), so it is off: the list above is the policy, initializers beyond fp16's range
@@ -68,7 +70,23 @@ def keep_fp32_nodes(model: onnx.ModelProto, classified: list[tuple[onnx.NodeProt
             keep.append(node.name)
         elif kind in KEEP_FP32_KINDS:
             keep += _routing_subgraph(node, consumers, producers)
+    for node in model.graph.node:
+        if node.op_type in ("Sin", "Cos"):
+            keep += _angle_nodes(node, producers)
     return list(dict.fromkeys(keep))
+
+
+def _angle_nodes(trig: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> list[str]:
+    """The nodes that compute a Sin/Cos input from graph inputs and constants (position x inverse frequency,
+    timestep x 1000): in fp16 a position above 2048 is rounded to a multiple of 2 before it is ever rotated."""
+    found, frontier = [], [trig]
+    for _depth in range(_ANGLE_DEPTH):
+        frontier = [producers[i] for n in frontier for i in n.input
+                    if i in producers and producers[i].op_type not in ("MatMul", "Gemm")]
+        if not frontier:
+            break
+        found += [n.name for n in frontier]
+    return found
 
 
 def _routing_subgraph(router: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
@@ -157,7 +175,7 @@ def validate_half(reference_graph: Path, half_graph: Path, cases: list[tuple[str
                 scale = float(np.abs(want[name]).max()) or 1.0
                 diff = np.abs(got[name].astype(np.float32) - want[name]) / scale
                 rows = diff.reshape(-1, diff.shape[-1]).max(axis=1) if diff.ndim else diff.reshape(1)
-                worst_rel = max(worst_rel, float(rows.max()))
+                worst_rel = max(worst_rel, float(rows.max()) if not np.isnan(rows).any() else float("inf"))
                 rows_within = min(rows_within, float((rows <= HALF_TOLERANCE).mean()))
             else:
                 agreement = min(agreement, float((got[name] == want[name]).mean()))

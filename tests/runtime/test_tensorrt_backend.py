@@ -62,7 +62,8 @@ def test_t2i_gives_the_onnxruntime_tokens_through_replayed_graphs(pipes, measure
 
 def test_runtime_cache_is_saved_next_to_the_engines(pipes, engines: Path) -> None:
     saved = pipes["tensorrt"].backend.save_runtime_cache()
-    assert saved == engines / "engines" / "tensorrt-rtx" / "runtime.sm89.cache" and saved.is_file()
+    assert saved is not None and saved.parent == engines / "engines" / "tensorrt-rtx" and saved.is_file()
+    assert saved.name.startswith("runtime.") and saved.name.endswith(".sm89.cache")
 
 
 def test_buffers_take_the_engines_types(tiny_build: Path, tmp_path: Path) -> None:
@@ -101,3 +102,14 @@ def test_the_stand_in_rejects_what_a_gpu_would() -> None:
     cu.cudaFree(ptr)
     with pytest.raises(StandInError, match="cudaFree"):
         cu.cudaFree(ptr)
+
+
+def test_engine_types_map_to_numpy_bf16_included() -> None:
+    import types
+
+    import ml_dtypes
+    import tensorrt_rtx as trt
+
+    holder = types.SimpleNamespace(trt=trt)  # _numpy_type reads only the TensorRT module
+    assert TensorRTBackend._numpy_type(holder, trt.DataType.HALF) == np.float16  # type: ignore[arg-type]
+    assert TensorRTBackend._numpy_type(holder, trt.DataType.BF16) == ml_dtypes.bfloat16  # type: ignore[arg-type]

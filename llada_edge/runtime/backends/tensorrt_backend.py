@@ -12,7 +12,7 @@
   falls back to eager enqueues and is recorded in ``graph_fallbacks``.
 * Commits copy each layer's block K/V into the cache slice with one strided ``cudaMemcpy2DAsync``.
 * TensorRT-RTX compiles its engines just in time on the RTX GPU; the runtime cache that keeps those kernels is
-  loaded from and saved to ``engines/tensorrt-rtx/runtime.<architectures>.cache`` next to the engines.
+  loaded from and saved to ``engines/tensorrt-rtx/runtime.<version>.<architectures>.cache`` next to the engines.
 
 Needs ``tensorrt`` (or ``tensorrt_rtx``) and ``cuda-python``; import-guarded (a clear InputError, exit code 2,
 without them). On a real GPU this has **not run** (no RTX GPU or TensorRT GPU machine was available). Its logic
@@ -97,9 +97,21 @@ class TensorRTBackend(EngineSession[_Step]):
         self._runtime_cache: Any = None
         self.stream = self._create_stream()
         self._steps: dict[tuple[int, int], _Step] = {}
-        layer = self.registry.layers[0].name
-        self.float_dtype = self._io_dtype(layer, "hidden")  # fp32, or the half type of fp16/bf16 engines
-        self._cache_dtype = self._io_dtype(layer, "past_k")
+        self.float_dtype = self._backbone_dtype()  # fp32, or the half type of fp16/bf16 engines
+
+    def _backbone_dtype(self) -> np.dtype[Any]:
+        """The one float type of every tensor the backbone engines pass between them (embed output, each layer's
+        hidden, cache and block K/V): the buffers are shared, so engines of mixed types are refused here."""
+        embed = self.registry.embed
+        found = {f"{embed.name}:{t}": self._io_dtype(embed.name, t) for t in embed.spec.outputs}
+        for layer in self.registry.layers:
+            found.update({f"{layer.name}:{t}": self._io_dtype(layer.name, t)
+                          for t in [*layer.spec.inputs, *layer.spec.outputs] if t not in ("positions", "attn_mask")})
+        kinds = sorted({str(d) for d in found.values()})
+        if len(kinds) != 1:
+            raise InputError(f"{self.build_dir}: the {self.precision} {self.target} backbone engines mix float types "
+                             f"({', '.join(f'{k}={v}' for k, v in found.items())}); rebuild them with one --dtype")
+        return next(iter(found.values()))
 
     def _create_stream(self) -> Any:
         err, stream = self.cudart.cudaStreamCreate()
@@ -140,15 +152,17 @@ class TensorRTBackend(EngineSession[_Step]):
         return self._engines[name]
 
     def _runtime_cache_path(self, archs: list[str]) -> Path:
-        return self.build_dir / "engines" / self.target / f"runtime.{'+'.join(archs) or 'any'}.cache"
+        version = str(self.trt.__version__)
+        return self.build_dir / "engines" / self.target / f"runtime.{version}.{'+'.join(archs) or 'any'}.cache"
 
     def _shared_runtime_cache(self, config: Any, archs: list[str]) -> Any:
         """One runtime cache for all engines of the session, seeded from the file next to the engines."""
         if self._runtime_cache is None:
             self._runtime_cache = config.create_runtime_cache()
             self._runtime_cache_file = self._runtime_cache_path(archs)
-            if self._runtime_cache_file.is_file():
-                self._runtime_cache.deserialize(self._runtime_cache_file.read_bytes())
+            if self._runtime_cache_file.is_file() and not self._runtime_cache.deserialize(
+                    self._runtime_cache_file.read_bytes()):
+                self._runtime_cache = config.create_runtime_cache()  # unreadable (another driver): start empty
         return self._runtime_cache
 
     def save_runtime_cache(self) -> Path | None:
@@ -165,15 +179,31 @@ class TensorRTBackend(EngineSession[_Step]):
         self.save_runtime_cache()
         for buf in [*self._k, *self._v]:
             buf.free()
+        self._k, self._v = [], []
+        self._free_steps()
+
+    def _free_steps(self) -> None:
         for step in self._steps.values():
             for buf in [step.ids, step.positions, step.mask, *step.hidden, *step.k_blk, *step.v_blk]:
                 buf.free()
-        self._k, self._v = [], []
         self._steps.clear()
 
     def _io_dtype(self, name: str, tensor: str) -> np.dtype[Any]:
         engine, _ = self._context(name)
-        return np.dtype(self.trt.nptype(engine.get_tensor_dtype(tensor)))
+        return self._numpy_type(engine.get_tensor_dtype(tensor))
+
+    def _numpy_type(self, trt_type: Any) -> np.dtype[Any]:
+        """TensorRT's type as numpy's; bf16 (which ``nptype`` does not map) as ml_dtypes' bfloat16."""
+        try:
+            return np.dtype(self.trt.nptype(trt_type))
+        except TypeError:
+            if "BF16" not in str(trt_type):
+                raise
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise InputError("bf16 engines need ml_dtypes on the host: pip install ml_dtypes") from None
+        return np.dtype(ml_dtypes.bfloat16)
 
     def _enqueue(self, name: str, inputs: dict[str, _DeviceArray], outputs: dict[str, _DeviceArray]) -> None:
         _, ctx = self._context(name)
@@ -189,25 +219,26 @@ class TensorRTBackend(EngineSession[_Step]):
         """A whole component on host arrays (image side: called a few times per request), each input in the
         engine's type; float outputs come back as float32 (what the sampler and decoders take)."""
         engine, ctx = self._context(name)
-        inputs = {}
-        for tensor, array in feeds.items():
-            dtype = np.dtype(self.trt.nptype(engine.get_tensor_dtype(tensor)))
-            buf = _DeviceArray(self.cudart, array.shape, dtype)
-            buf.upload(array, self.stream)
-            inputs[tensor] = buf
-            ctx.set_input_shape(tensor, array.shape)
-        outputs = {}
-        for i in range(engine.num_io_tensors):
-            tensor = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(tensor) == self.trt.TensorIOMode.OUTPUT:
-                dtype = self.trt.nptype(engine.get_tensor_dtype(tensor))
-                shape = ctx.get_tensor_shape(tensor)  # Dims: indexable, not iterable (in the binding's stub)
-                outputs[tensor] = _DeviceArray(self.cudart, tuple(int(shape[d]) for d in range(len(shape))), dtype)
-        self._enqueue(name, inputs, outputs)
-        result = [_widen(buf.download(self.stream)) for buf in outputs.values()]
-        for buf in [*inputs.values(), *outputs.values()]:
-            buf.free()
-        return result
+        inputs: dict[str, _DeviceArray] = {}
+        outputs: dict[str, _DeviceArray] = {}
+        try:
+            for tensor, array in feeds.items():
+                buf = _DeviceArray(self.cudart, array.shape, self._numpy_type(engine.get_tensor_dtype(tensor)))
+                inputs[tensor] = buf
+                buf.upload(array, self.stream)
+                ctx.set_input_shape(tensor, array.shape)
+            for i in range(engine.num_io_tensors):
+                tensor = engine.get_tensor_name(i)
+                if engine.get_tensor_mode(tensor) == self.trt.TensorIOMode.OUTPUT:
+                    dtype = self._numpy_type(engine.get_tensor_dtype(tensor))
+                    shape = ctx.get_tensor_shape(tensor)  # Dims: indexable, not iterable (in the binding's stub)
+                    outputs[tensor] = _DeviceArray(self.cudart, tuple(int(shape[d]) for d in range(len(shape))),
+                                                   dtype)
+            self._enqueue(name, inputs, outputs)
+            return [_widen(buf.download(self.stream)) for buf in outputs.values()]
+        finally:
+            for buf in [*inputs.values(), *outputs.values()]:
+                buf.free()
 
     # -- the engine session's hooks ---------------------------------------------------------------------
 
@@ -215,9 +246,9 @@ class TensorRTBackend(EngineSession[_Step]):
         shape = self._cache_shape(rows, capacity)
         for buf in [*self._k, *self._v]:
             buf.free()
-        self._k = [_DeviceArray(self.cudart, shape, self._cache_dtype) for _ in self.registry.layers]
-        self._v = [_DeviceArray(self.cudart, shape, self._cache_dtype) for _ in self.registry.layers]
-        self._steps.clear()  # captured graphs point at the old cache
+        self._k = [_DeviceArray(self.cudart, shape, self.float_dtype) for _ in self.registry.layers]
+        self._v = [_DeviceArray(self.cudart, shape, self.float_dtype) for _ in self.registry.layers]
+        self._free_steps()  # their captured graphs point at the old cache
 
     def _reset_cache(self) -> None:
         for buf in [*self._k, *self._v]:
@@ -262,6 +293,7 @@ class TensorRTBackend(EngineSession[_Step]):
                 step.graph = _ok(cu.cudaGraphInstantiate(graph, 0))
             except RuntimeError as exc:
                 self.graph_fallbacks.append(f"{step.ids.shape}: {exc}")
+                cu.cudaStreamEndCapture(self.stream)  # leave capture mode (its result is an error; ignored)
                 step.graph = "eager"
                 self._enqueue_layers(step)
                 return
@@ -270,7 +302,7 @@ class TensorRTBackend(EngineSession[_Step]):
     def _store_block(self, step: _Step, start: int, tokens: int) -> None:
         b, cu = self.config.backbone, self.cudart
         rows = step.ids.shape[0]
-        item = self._cache_dtype.itemsize
+        item = self.float_dtype.itemsize
         row_bytes = tokens * b.head_dim * item
         pitch = self._valid.shape[1] * b.head_dim * item
         for i in range(len(self.registry.layers)):  # [B*Hkv] rows of T*hd floats into the cache at column start

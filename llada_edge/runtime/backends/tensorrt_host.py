@@ -202,6 +202,10 @@ class HostEngine:
         self.name = name
         self.cudart = cudart
         self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        unknown = [v for v in [*self.session.get_inputs(), *self.session.get_outputs()] if v.type not in _ORT_TYPES]
+        if unknown:  # bf16: ONNX Runtime's CPU provider has no kernels for it
+            raise StandInError(f"{name}: the stand-in runs engines on ONNX Runtime's CPU provider, which cannot run "
+                               f"{unknown[0].name} of type {unknown[0].type}")
         self.io = {i.name: (TensorIOMode.INPUT, np.dtype(_ORT_TYPES[i.type])) for i in self.session.get_inputs()}
         self.io.update({o.name: (TensorIOMode.OUTPUT, np.dtype(_ORT_TYPES[o.type]))
                         for o in self.session.get_outputs()})
