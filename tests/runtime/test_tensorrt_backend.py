@@ -66,6 +66,16 @@ def test_runtime_cache_is_saved_next_to_the_engines(pipes, engines: Path) -> Non
     assert saved.name.startswith("runtime.") and saved.name.endswith(".sm89.cache")
 
 
+def test_close_frees_every_buffer_and_graph(engines: Path) -> None:
+    libraries = host_libraries(engines)
+    pipe = Pipeline.load(engines, backend="tensorrt", libraries=libraries)
+    pipe.generate_image("a red kite", 128, 128, cfg_scale=3.0, steps=2)
+    cu = libraries[1]
+    assert cu.live["buffers"] > 0 and cu.live["graphs"] > 0
+    pipe.backend.close()
+    assert cu.live == {"buffers": 0, "graphs": 0} and cu.calls["cudaStreamDestroy"] == 1
+
+
 def test_buffers_take_the_engines_types(tiny_build: Path, tmp_path: Path) -> None:
     build = tmp_path / "b"
     shutil.copytree(tiny_build, build, ignore=shutil.ignore_patterns("polygraphy"))

@@ -175,17 +175,22 @@ class TensorRTBackend(EngineSession[_Step]):
         return Path(self._runtime_cache_file)
 
     def close(self) -> None:
-        """Save the runtime cache (TensorRT-RTX) and free the device buffers."""
+        """Save the runtime cache (TensorRT-RTX), free the device buffers and graphs, destroy the stream."""
         self.save_runtime_cache()
         for buf in [*self._k, *self._v]:
             buf.free()
         self._k, self._v = [], []
         self._free_steps()
+        if self.stream is not None:
+            _ok(self.cudart.cudaStreamDestroy(self.stream))
+            self.stream = None
 
     def _free_steps(self) -> None:
         for step in self._steps.values():
             for buf in [step.ids, step.positions, step.mask, *step.hidden, *step.k_blk, *step.v_blk]:
                 buf.free()
+            if step.graph not in (None, "eager"):
+                _ok(self.cudart.cudaGraphExecDestroy(step.graph))
         self._steps.clear()
 
     def _io_dtype(self, name: str, tensor: str) -> np.dtype[Any]:
@@ -291,6 +296,7 @@ class TensorRTBackend(EngineSession[_Step]):
                 self._enqueue_layers(step)
                 graph = _ok(cu.cudaStreamEndCapture(self.stream))
                 step.graph = _ok(cu.cudaGraphInstantiate(graph, 0))
+                _ok(cu.cudaGraphDestroy(graph))  # the executable graph is what is launched from here on
             except RuntimeError as exc:
                 self.graph_fallbacks.append(f"{step.ids.shape}: {exc}")
                 cu.cudaStreamEndCapture(self.stream)  # leave capture mode (its result is an error; ignored)

@@ -106,6 +106,12 @@ class HostCudart:
         self._real("cudaStreamCreate")
         return 0, self._handle(self.real.cudaStream_t)
 
+    def cudaStreamDestroy(self, stream: Any) -> tuple[int]:
+        self._real("cudaStreamDestroy", stream)
+        if int(stream) in self._capturing:
+            raise StandInError("cudaStreamDestroy of a stream under capture")
+        return (0,)
+
     def cudaStreamSynchronize(self, stream: Any) -> tuple[int]:
         self._real("cudaStreamSynchronize", stream)
         if int(stream) in self._capturing:
@@ -166,8 +172,28 @@ class HostCudart:
         self._graphs[int(executable)] = self._graphs[int(graph)]
         return 0, executable
 
+    def cudaGraphDestroy(self, graph: Any) -> tuple[int]:
+        self._real("cudaGraphDestroy", graph)
+        return self._forget_graph(graph, "cudaGraphDestroy")
+
+    def cudaGraphExecDestroy(self, executable: Any) -> tuple[int]:
+        self._real("cudaGraphExecDestroy", executable)
+        return self._forget_graph(executable, "cudaGraphExecDestroy")
+
+    def _forget_graph(self, handle: Any, call: str) -> tuple[int]:
+        if self._graphs.pop(int(handle), None) is None:
+            raise StandInError(f"{call} of a graph that does not exist (or was destroyed)")
+        return (0,)
+
+    @property
+    def live(self) -> dict[str, int]:
+        """What is still allocated: device buffers and graphs (a closed backend leaves nothing)."""
+        return {"buffers": len(self._buffers), "graphs": len(self._graphs)}
+
     def cudaGraphLaunch(self, executable: Any, stream: Any) -> tuple[int]:
         self._real("cudaGraphLaunch", executable, stream)
+        if int(executable) not in self._graphs:
+            raise StandInError("cudaGraphLaunch of a graph that does not exist (or was destroyed)")
         for op in self._graphs[int(executable)].ops:
             self._run(stream, op)
         return (0,)
