@@ -122,11 +122,16 @@ class Gemm:
     expected: str  # fp32 / fp16 / bf16 / fp8 / int8 / int4
 
 
-def _weight_types(layers_of: list[EngineLayer], producers: dict[str, EngineLayer]) -> list[str]:
-    """The stored types of the weights of the layers that carry one GEMM: their matrix constants, and the matrix
-    constants of the weight-only layers (no inputs: a dequantize of a constant) that produce their matrix inputs.
-    The builder may fuse several GEMMs into one with a concatenated weight, whose dequantize then names only one
-    of them, so following the data is what finds every GEMM's weights."""
+def _weight_types(layers_of: list[EngineLayer], producers: dict[str, EngineLayer], weight: str) -> list[str]:
+    """The stored types of one GEMM's weight: a matrix constant named after it (``<weight>_constantHalf_myl0``,
+    ``<weight>_i4_constantInt4_myl0``) where the builder kept the name; otherwise the matrix constants of the layers
+    that carry the GEMM, and of the weight-only layers (no inputs: a dequantize of a constant) that produce their
+    matrix inputs. The builder may fuse several GEMMs into one with a concatenated weight, whose dequantize then
+    names only one of them, so following the data is what finds every GEMM's weights."""
+    named = [t.datatype for layer in layers_of for t in layer.constants
+             if t.is_matrix and t.name.startswith(weight) and t.datatype in DATATYPE_BITS]
+    if named:
+        return named
     types = []
     for layer in layers_of:
         sources = [layer]
@@ -155,7 +160,7 @@ def take_census(layers: list[EngineLayer], gemms: list[Gemm]) -> dict[str, Any]:
     missing: list[str] = []
     for gemm in gemms:
         layers_of = carriers.get(gemm.node, []) + carriers.get(f"{gemm.weight}_DequantizeLinear", [])
-        stored = _weight_types(layers_of, producers)
+        stored = _weight_types(layers_of, producers, gemm.weight)
         if not layers_of:
             missing.append(gemm.node)
             continue

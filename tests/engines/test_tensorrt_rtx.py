@@ -146,3 +146,9 @@ def test_census_parses_the_builders_layer_list() -> None:
     assert census["gemms"]["node_c"]["weights"] == "Int4"  # followed from the GEMM's input to its dequantize
     assert census["not_found"] == ["gone"] and not census["wider"]
     assert take_census(layers, [Gemm("node_a", "w", "int4")])["wider"] == ["node_a"]  # fp8 is wider than int4
+    fused = parse_layer_log(
+        "Name: f, LayerType: runtime_fusion, Inputs: [], Constants: [ { Name: wx_constantHalf_myl0, Dimensions: "
+        "[64,64], Datatype: Half, Format: x }, { Name: __mye1_dconst_myl0, Dimensions: [64,64], Datatype: Int4, "
+        "Format: x }], Outputs: [], TacticName: t, StreamId: 0, Metadata: [ONNX Layer: node_x][ONNX Layer: node_y]")
+    # a constant named after the GEMM's weight decides; the fused layer's other (narrower) weight does not
+    assert take_census(fused, [Gemm("node_x", "wx", "int4")])["wider"] == ["node_x"]
