@@ -55,9 +55,8 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
         raise InputError(f"unknown target {target!r} (expected one of {list(TARGETS)})")
     manifest = Manifest.load(build_dir)  # not a build folder: say so before taking its lock
     if target != "onnxruntime":
-        if "dtype" not in (overrides or {}):  # an explicit --override dtype=... is what it says
-            recipe = gpu_recipe(recipe, manifest)
-        return _build_tensorrt(build_dir, manifest, target, recipe, sm, components, progress)
+        return _build_tensorrt(build_dir, manifest, target, gpu_recipe(precision, overrides, manifest), sm,
+                               components, progress)
     if components:
         raise InputError("--components applies to the tensorrt targets (onnxruntime builds every quantized graph)")
     if recipe.dtype != "fp32":
@@ -76,11 +75,12 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
         return Manifest.load(build_dir)
 
 
-def gpu_recipe(recipe: Recipe, manifest: Manifest) -> Recipe:
-    """A quantized recipe on a GPU target keeps its unquantized parts in the export's half dtype (``export
-    --dtype``), else fp16; the float recipes (fp32, fp16, bf16) are what they say (and so is an explicit
-    ``--override dtype=...``: callers do not ask this then)."""
-    if recipe.is_float or recipe.dtype != "fp32":
+def gpu_recipe(precision: str, overrides: dict[str, str] | None, manifest: Manifest) -> Recipe:
+    """The recipe on a GPU target: a quantized one keeps its unquantized parts in the export's half dtype (``export
+    --dtype``), else fp16; the float recipes (fp32, fp16, bf16) and an explicit ``--override dtype=...`` are what
+    they say."""
+    recipe = get_recipe(precision, overrides)
+    if recipe.is_float or "dtype" in (overrides or {}):
         return recipe
     exported = str(manifest.options.get("dtype", "fp32"))
     return recipe.in_dtype(exported if exported != "fp32" else GPU_DEFAULT_DTYPE)
@@ -108,10 +108,9 @@ def quantize_build(build_dir: str | Path, precision: str = "fp8", overrides: dic
     """``llada-edge quantize``: the GPU graphs of a recipe (ModelOpt Q/DQ, in the recipe's dtype; CPU only;
     calibration captured if missing); returns the graph folder each TensorRT engine would be built from."""
     build_dir = Path(build_dir).absolute()
-    recipe = get_recipe(precision, overrides)
-    manifest = Manifest.load(build_dir)
+    recipe = gpu_recipe(precision, overrides, Manifest.load(build_dir))
     with build_lock(build_dir, "quantizing"):
-        return ensure_gpu_graphs(build_dir, Manifest.load(build_dir), gpu_recipe(recipe, manifest), progress)
+        return ensure_gpu_graphs(build_dir, Manifest.load(build_dir), recipe, progress)
 
 
 def verified_sources(build_dir: Path, manifest: Manifest) -> list[Component]:
@@ -170,8 +169,9 @@ def ensure_calibration(build_dir: Path, manifest: Manifest, progress: Progress) 
 
 
 def _selected(build_dir: Path, manifest: Manifest, names: list[str] | None) -> list[Component]:
-    exported = Registry.of_build(build_dir).exported(manifest)
-    wanted = {c.name for c in Registry.of_build(build_dir).select(names)}
+    registry = Registry.of_build(build_dir)
+    exported = registry.exported(manifest)
+    wanted = {c.name for c in registry.select(names)}
     missing = [n for n in sorted(wanted) if n not in {c.name for c in exported}]
     if names and missing:
         raise InputError(f"{build_dir}: {missing[0]} was not exported (run `llada-edge export --components ...`)")

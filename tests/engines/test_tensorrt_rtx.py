@@ -69,7 +69,6 @@ def test_fp16_graphs_are_validated_against_fp32(rtx_build: Path) -> None:
 
 
 def test_export_dtype_writes_half_graphs_and_sets_the_gpu_dtype(rtx_build: Path, tiny_ckpt: Path) -> None:
-    from llada_edge.calibration.recipes import get_recipe
     from llada_edge.engines.build import gpu_recipe
 
     assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(rtx_build), "--components", "sigvq",
@@ -77,10 +76,11 @@ def test_export_dtype_writes_half_graphs_and_sets_the_gpu_dtype(rtx_build: Path,
     manifest = Manifest.load(rtx_build)
     assert manifest.components[Artifact.qdq_graph("bf16", "sigvq").entry].meta["dtype"] == "bf16"
     assert manifest.options["dtype"] == "bf16"
-    assert gpu_recipe(get_recipe("fp8"), manifest).dtype == "bf16"  # quantized recipes follow the export
-    assert gpu_recipe(get_recipe("fp16"), manifest).dtype == "fp16"  # the float recipes are what they say
+    assert gpu_recipe("fp8", None, manifest).dtype == "bf16"  # quantized recipes follow the export
+    assert gpu_recipe("fp16", None, manifest).dtype == "fp16"  # the float recipes are what they say
+    assert gpu_recipe("fp8", {"dtype": "fp32"}, manifest).dtype == "fp32"  # and so does an explicit override
     manifest.options["dtype"] = "fp32"
-    assert gpu_recipe(get_recipe("int4"), manifest).dtype == "fp16"  # the GPU default
+    assert gpu_recipe("int4", None, manifest).dtype == "fp16"  # the GPU default
     manifest.save(rtx_build)
 
 

@@ -39,25 +39,24 @@ from llada_edge.runtime.backends.gpu_libs import TENSORRT_MODULES, cuda_check, i
 if TYPE_CHECKING:  # the engine and context calls are checked against stubs of tensorrt_rtx's binding
     import tensorrt_rtx as tensorrt
 
-_ok = cuda_check
 
 
 class _DeviceArray:
     def __init__(self, cudart: Any, shape: tuple[int, ...], dtype: npt.DTypeLike) -> None:
         self.cudart, self.shape, self.dtype = cudart, tuple(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self.ptr = _ok(cudart.cudaMalloc(max(self.nbytes, 1)))
+        self.ptr = cuda_check(cudart.cudaMalloc(max(self.nbytes, 1)))
 
     def upload(self, array: np.ndarray, stream: Any) -> None:
         src = np.ascontiguousarray(array, dtype=self.dtype)
-        _ok(self.cudart.cudaMemcpyAsync(self.ptr, src.ctypes.data, src.nbytes,
+        cuda_check(self.cudart.cudaMemcpyAsync(self.ptr, src.ctypes.data, src.nbytes,
                                         self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
 
     def download(self, stream: Any) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
-        _ok(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, self.nbytes,
+        cuda_check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, self.nbytes,
                                         self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        _ok(self.cudart.cudaStreamSynchronize(stream))
+        cuda_check(self.cudart.cudaStreamSynchronize(stream))
         return out
 
     def free(self) -> None:
@@ -182,7 +181,7 @@ class TensorRTBackend(EngineSession[_Step]):
         self._k, self._v = [], []
         self._free_steps()
         if self.stream is not None:
-            _ok(self.cudart.cudaStreamDestroy(self.stream))
+            cuda_check(self.cudart.cudaStreamDestroy(self.stream))
             self.stream = None
 
     def _free_steps(self) -> None:
@@ -190,7 +189,7 @@ class TensorRTBackend(EngineSession[_Step]):
             for buf in [step.ids, step.positions, step.mask, *step.hidden, *step.k_blk, *step.v_blk]:
                 buf.free()
             if step.graph not in (None, "eager"):
-                _ok(self.cudart.cudaGraphExecDestroy(step.graph))
+                cuda_check(self.cudart.cudaGraphExecDestroy(step.graph))
         self._steps.clear()
 
     def _io_dtype(self, name: str, tensor: str) -> np.dtype[Any]:
@@ -257,7 +256,7 @@ class TensorRTBackend(EngineSession[_Step]):
 
     def _reset_cache(self) -> None:
         for buf in [*self._k, *self._v]:
-            _ok(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
+            cuda_check(self.cudart.cudaMemsetAsync(buf.ptr, 0, buf.nbytes, self.stream))
 
     def _step_buffers(self, rows: int, tokens: int) -> _Step:
         if (rows, tokens) not in self._steps:
@@ -292,18 +291,19 @@ class TensorRTBackend(EngineSession[_Step]):
             return
         if step.graph is None:
             try:
-                _ok(cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+                mode = cu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+                cuda_check(cu.cudaStreamBeginCapture(self.stream, mode))
                 self._enqueue_layers(step)
-                graph = _ok(cu.cudaStreamEndCapture(self.stream))
-                step.graph = _ok(cu.cudaGraphInstantiate(graph, 0))
-                _ok(cu.cudaGraphDestroy(graph))  # the executable graph is what is launched from here on
+                graph = cuda_check(cu.cudaStreamEndCapture(self.stream))
+                step.graph = cuda_check(cu.cudaGraphInstantiate(graph, 0))
+                cuda_check(cu.cudaGraphDestroy(graph))  # the executable graph is what is launched from here on
             except RuntimeError as exc:
                 self.graph_fallbacks.append(f"{step.ids.shape}: {exc}")
                 cu.cudaStreamEndCapture(self.stream)  # leave capture mode (its result is an error; ignored)
                 step.graph = "eager"
                 self._enqueue_layers(step)
                 return
-        _ok(cu.cudaGraphLaunch(step.graph, self.stream))
+        cuda_check(cu.cudaGraphLaunch(step.graph, self.stream))
 
     def _store_block(self, step: _Step, start: int, tokens: int) -> None:
         b, cu = self.config.backbone, self.cudart
@@ -313,9 +313,9 @@ class TensorRTBackend(EngineSession[_Step]):
         pitch = self._valid.shape[1] * b.head_dim * item
         for i in range(len(self.registry.layers)):  # [B*Hkv] rows of T*hd floats into the cache at column start
             for blk, cache in ((step.k_blk[i], self._k[i]), (step.v_blk[i], self._v[i])):
-                _ok(cu.cudaMemcpy2DAsync(cache.ptr + start * b.head_dim * item, pitch, blk.ptr, row_bytes, row_bytes,
-                                         rows * b.num_key_value_heads, cu.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-                                         self.stream))
+                cuda_check(cu.cudaMemcpy2DAsync(cache.ptr + start * b.head_dim * item, pitch, blk.ptr, row_bytes,
+                                                row_bytes, rows * b.num_key_value_heads,
+                                                cu.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream))
 
     def _hidden_of(self, step: _Step) -> np.ndarray:
         out: _DeviceArray = self._final_hidden(step)
