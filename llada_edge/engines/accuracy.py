@@ -29,13 +29,24 @@ from PIL import Image
 
 from llada_edge.buildfolder import Manifest, atomic_write_bytes
 from llada_edge.calibration.requests import RequestSet, load_request_set, procedural_image
+from llada_edge.engines.routing_probe import install_probes, selection_agreement
 from llada_edge.runtime import Pipeline
-from llada_edge.runtime import prompts as prompt_lib
 from llada_edge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from llada_edge.runtime.images import smart_resize, to_pixels
 from llada_edge.runtime.text import TextTokenizer
+from llada_edge.training import corpus, scenes
+from llada_edge.training.sequences import (
+    Example,
+    SceneTokens,
+    chat_example,
+    t2i_example,
+    understand_example,
+    window_to_raster,
+)
 
 MASK_RATIOS = (0.25, 0.5, 0.9)
+HELD_OUT_PASSAGES = 12  # docstring paragraphs of held-out standard-library modules
+HELD_OUT_SCENES = 6  # captioned scenes per task (understanding, text-to-image)
 
 # metric -> bound ("min" for agreements/cosines/PSNR, "max" for errors). Measured on the tiny preset
 # (build/engines-tiny, `make engines PRECISION=...`): cosine fp8 0.993 / int8 0.993 / int4 0.964 / mixed
@@ -67,48 +78,103 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
 
 
-def _masked_sequences(pipe: Pipeline, evaluation: RequestSet, rng: np.random.Generator
-                      ) -> list[tuple[str, np.ndarray, int]]:
-    """(head, ids, first generated index) for held-out t2i prompts and understanding questions."""
+def held_out_sequences(pipe: Pipeline, evaluation: RequestSet) -> list[tuple[str, Example]]:
+    """(kind, sequence) pairs nothing was trained or calibrated on, with their true continuations.
+
+    chat: held-out standard-library docstrings (``training.corpus``) as answers; understand: held-out
+    captioned scenes with the evaluation set's questions, the caption as the answer; t2i: the caption,
+    then the scene's codes in raster order (the image head). Targets are real text and real image codes,
+    so a trained checkpoint's logits are peaked on them and perplexity means something.
+    """
     tok, cfg = pipe.tokenizer, pipe.config
-    b = cfg.backbone
-    out = []
-    for prompt in evaluation.t2i:
-        prefix = prompt_lib.t2i_prompt(tok, prompt, 8, 8)
-        body = rng.integers(0, b.num_image_tokens, 64) + b.image_token_offset
-        out.append(("image", np.asarray(prefix + body.tolist()), len(prefix)))
-    img = Image.fromarray(procedural_image(128, 128, evaluation.image_seeds[0]))
-    pixels = to_pixels(smart_resize(img), cfg.preprocessor.image_mean, cfg.preprocessor.image_std)
-    ids = pipe.backend.tokenize_image(pixels)
-    gh, gw = pixels.shape[2] // 16, pixels.shape[3] // 16
-    for question in evaluation.understand:
-        prefix = prompt_lib.understanding_prompt(tok, ids.tolist(), gh, gw, question, b.image_token_offset)
-        answer = rng.integers(0, 5000, 64)
-        out.append(("text", np.asarray(prefix + answer.tolist()), len(prefix)))
+    offset = cfg.backbone.image_token_offset
+    mean, std = cfg.preprocessor.image_mean, cfg.preprocessor.image_std
+    out = [("chat", chat_example(tok, p)) for p in corpus.held_out_passages()[:HELD_OUT_PASSAGES]]
+    seeds = scenes.held_out_seeds(2 * HELD_OUT_SCENES)
+    for i, seed in enumerate(seeds[:HELD_OUT_SCENES]):
+        img, caption = scenes.scene(seed, 128, 128)
+        pixels = to_pixels(smart_resize(Image.fromarray(img)), mean, std)
+        tokens = SceneTokens(caption, pipe.backend.tokenize_image(pixels).tolist(), pixels.shape[2] // 16,
+                             pixels.shape[3] // 16)
+        question = evaluation.understand[i % len(evaluation.understand)]
+        out.append(("understand", understand_example(tok, tokens, question, offset)))
+    for i, seed in enumerate(seeds[HELD_OUT_SCENES:]):
+        side = 64 if i % 2 else 128  # 4x4 and 8x8 code grids
+        img, caption = scenes.scene(seed, side, side)
+        gh = side // 16
+        ids = pipe.backend.tokenize_image(to_pixels(Image.fromarray(img), mean, std))
+        if pipe.config.preprocessor.token_order == "window":
+            ids = window_to_raster(ids, gh, gh)
+        out.append(("t2i", t2i_example(tok, SceneTokens(caption, ids.tolist(), gh, gh), offset)))
     return out
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+
+class _Tally:
+    """Per-kind lists of what the teacher-forced pass measures."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, name: str, values: np.ndarray | list[float]) -> None:
+        self.values.setdefault(name, []).extend(np.asarray(values, np.float64).ravel().tolist())
+
+    def mean(self, name: str) -> float:
+        return float(np.mean(self.values[name]))
+
+
 def _teacher_forced(ref: Pipeline, quant: Pipeline, evaluation: RequestSet) -> dict[str, float]:
+    """Both sides see the same partially masked held-out sequences (mask ratios :data:`MASK_RATIOS`)."""
     rng = np.random.default_rng(0)
     mask = ref.config.backbone.mask_token_id
-    cosines: list[float] = []
-    agree: list[bool] = []
-    for head, seq, start in _masked_sequences(ref, evaluation, rng):
+    probes = [install_probes(p.backend) if isinstance(p.backend, OnnxRuntimeBackend) else {} for p in (ref, quant)]
+    tally = _Tally()
+    for kind, example in held_out_sequences(ref, evaluation):
+        seq = np.asarray(example.ids)
         for ratio in MASK_RATIOS:
             ids = seq.copy()
             masked = np.zeros(len(ids), bool)
-            masked[start:] = rng.random(len(ids) - start) < ratio
+            masked[example.start:] = rng.random(len(ids) - example.start) < ratio
             ids[masked] = mask
             feeds = (ids[None], np.arange(len(ids))[None], np.ones((1, len(ids)), bool))
             logits = []
             for pipe in (ref, quant):
                 hidden = pipe.backend.hidden_states(*feeds)[:, masked]
-                run_head = pipe.backend.head_image if head == "image" else pipe.backend.head_text
+                run_head = pipe.backend.head_image if example.head == "image" else pipe.backend.head_text
                 logits.append(run_head(hidden)[0].copy())
-            cosines.extend(_cosine(logits[0], logits[1]).tolist())
-            agree.extend((logits[0].argmax(-1) == logits[1].argmax(-1)).tolist())
-    return {"logit_cosine": float(np.mean(cosines)), "top1_agreement": float(np.mean(agree)),
-            "masked_positions": len(agree)}
+            truth = seq[masked] - (ref.config.backbone.image_token_offset if example.head == "image" else 0)
+            agree = logits[0].argmax(-1) == logits[1].argmax(-1)
+            for name in ("all", kind):
+                tally.add(f"cosine_{name}", _cosine(logits[0], logits[1]))
+                tally.add(f"agree_{name}", agree)
+            for side, lg in zip(("fp32", "quant"), logits, strict=True):
+                tally.add(f"correct_{side}", lg.argmax(-1) == truth)
+                if kind == "chat":
+                    tally.add(f"nll_{side}", -np.take_along_axis(_log_softmax(lg), truth[:, None], -1))
+            for name, probe in probes[0].items():
+                if name in probes[1]:
+                    chosen_ref, chosen_quant = probe.chosen.pop(), probes[1][name].chosen.pop()
+                    tally.add(f"experts_{name}", [selection_agreement(chosen_ref, chosen_quant)])
+    metrics = {"logit_cosine": tally.mean("cosine_all"), "top1_agreement": tally.mean("agree_all"),
+               "masked_positions": float(len(tally.values["agree_all"]))}
+    for kind in ("chat", "understand", "t2i"):
+        metrics[f"top1_agreement_{kind}"] = tally.mean(f"agree_{kind}")
+    metrics["masked_accuracy_fp32"] = tally.mean("correct_fp32")
+    metrics["masked_accuracy"] = tally.mean("correct_quant")
+    metrics["perplexity_fp32"] = float(np.exp(tally.mean("nll_fp32")))
+    metrics["perplexity"] = float(np.exp(tally.mean("nll_quant")))
+    metrics["perplexity_ratio"] = metrics["perplexity"] / metrics["perplexity_fp32"]
+    layers = sorted(k for k in tally.values if k.startswith("experts_"))
+    for key in layers:
+        metrics[f"expert_agreement_{key.removeprefix('experts_')}"] = tally.mean(key)
+    if layers:
+        metrics["expert_agreement"] = min(tally.mean(key) for key in layers)
+    return metrics
 
 
 def _generation(ref: Pipeline, quant: Pipeline, evaluation: RequestSet) -> dict[str, float]:

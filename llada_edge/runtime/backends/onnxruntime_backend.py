@@ -81,15 +81,33 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
 
     # -- sessions -----------------------------------------------------------------------------
 
+    @property
+    def session_options(self) -> Any:  # onnxruntime.SessionOptions
+        return self._options
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._providers)
+
+    def graph_path(self, name: str) -> Path:
+        """The ``model.onnx`` a component runs from (this precision's engine, else the fp32 export)."""
+        if name not in self.manifest.components:
+            raise InputError(f"{self.build_dir}: no {name!r} in this build; export it with "
+                             f"`llada-edge export --components {name}`")
+        return self.build_dir / self._artifact(name).folder / "model.onnx"
+
     def session(self, name: str) -> Any:  # onnxruntime.InferenceSession
         if name not in self._sessions:
-            if name not in self.manifest.components:
-                raise InputError(f"{self.build_dir}: no {name!r} in this build; export it with "
-                                 f"`llada-edge export --components {name}`")
-            path = self.build_dir / self._artifact(name).folder / "model.onnx"
+            path = self.graph_path(name)
             self._sessions[name] = self._ort.InferenceSession(str(path), self._options, providers=self._providers)
             self._bindings[name] = self._sessions[name].io_binding()
         return self._sessions[name]
+
+    def replace_session(self, name: str, session: Any) -> None:
+        """Run ``name`` through another session with the same inputs and outputs (an instrumented copy:
+        the accuracy report's routing probes)."""
+        self._sessions[name] = session
+        self._bindings[name] = session.io_binding()
 
     def _run_bound(self, name: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Run with inputs and outputs bound to existing numpy memory (no allocation by ORT)."""
