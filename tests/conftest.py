@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic checkpoint per session, and a recorder for measured figures.
+"""Shared fixtures: one tiny synthetic checkpoint per session (and the trained one, cached), and a recorder for
+measured figures.
 
 Figures recorded with ``measure(name, value)`` (parity errors, peak RSS...) are printed at the end of
 the run and written to ``build/test-measurements.json`` so reports can quote them.
@@ -7,6 +8,7 @@ the run and written to ``build/test-measurements.json`` so reports can quote the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -69,11 +71,21 @@ def tiny_build(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="session")
-def tiny_build_ort(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint exported with the com.microsoft.MoE lowering (the ONNX Runtime CPU path), unvalidated:
-    the export tests validate; engine tests add their engines to this folder."""
+def tiny_trained_ckpt() -> Path:
+    """``synth --preset tiny-trained`` (read-only), trained once into the cache: $LLADA_EDGE_CACHE, else the
+    repository's build/cache (so a CI run trains it once and `make clean` drops it)."""
+    from llada_edge.training.tiny_trained import cached_checkpoint
+
+    cache = os.environ.get("LLADA_EDGE_CACHE", str(Path(__file__).resolve().parent.parent / "build" / "cache"))
+    return cached_checkpoint(0, cache=cache, progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def trained_build_ort(tiny_trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny checkpoint exported with the com.microsoft.MoE lowering (the ONNX Runtime CPU path),
+    unvalidated (the export tests validate): engine tests add their engines and accuracy reports to this folder."""
     from llada_edge.export.build import export_build
 
-    out = tmp_path_factory.mktemp("build-ort") / "tiny"
-    export_build(tiny_ckpt, out, moe="ort", validate=False, progress=lambda _m: None)
+    out = tmp_path_factory.mktemp("build-ort") / "tiny-trained"
+    export_build(tiny_trained_ckpt, out, moe="ort", validate=False, progress=lambda _m: None)
     return out

@@ -33,7 +33,11 @@ DTYPES = ("fp32", "fp16", "bf16")
 # ModelOpt's int4 weight methods for the TensorRT targets: AWQ with clip search (the default: the most accurate,
 # slow on a CPU at real dimensions), AWQ-lite (scales only), round-to-nearest (no calibration; seconds).
 INT4_METHODS = ("awq_clip", "awq_lite", "rtn_dq")
-SETTINGS = ("dtype", "int4_method")  # what --override may set besides the kinds' formats
+# How the onnxruntime target's int4 expert weights (QMoE) get their block scales: ``max`` (amax / 8, round to
+# nearest) or ``mse`` (per block, the clip ratio in [0.6, 8/7] x amax that minimises the block's squared error).
+INT4_SCALES = ("max", "mse")
+INT4_BLOCKS = (16, 32, 64, 128)
+SETTINGS = ("dtype", "int4_method", "int4_scale", "int4_block")  # what --override may set besides the formats
 KINDS = ("experts", "dense", "dit", "vision", "router", "lm_head")
 
 
@@ -49,8 +53,13 @@ class Recipe:
     int4_block: int = 128
     dtype: str = "fp32"
     int4_method: str = "awq_clip"
+    int4_scale: str = "max"
 
     def __post_init__(self) -> None:
+        if self.int4_scale not in INT4_SCALES:
+            raise InputError(f"recipe {self.name!r}: int4_scale={self.int4_scale!r} is not one of {list(INT4_SCALES)}")
+        if self.int4_block not in INT4_BLOCKS:
+            raise InputError(f"recipe {self.name!r}: int4_block={self.int4_block!r} is not one of {list(INT4_BLOCKS)}")
         if self.int4_method not in INT4_METHODS:
             raise InputError(f"recipe {self.name!r}: int4_method={self.int4_method!r} is not one of "
                              f"{list(INT4_METHODS)}")
@@ -66,6 +75,12 @@ class Recipe:
         if unknown:
             raise InputError(f"unknown weight kinds {sorted(unknown)} (expected some of {[*KINDS, *SETTINGS]})")
         changes: dict[str, Any] = {"name": self.name + "".join(f"+{k}={v}" for k, v in sorted(kinds.items())), **kinds}
+        if "int4_block" in kinds:
+            try:
+                changes["int4_block"] = int(kinds["int4_block"])
+            except ValueError:
+                raise InputError(f"int4_block must be one of {list(INT4_BLOCKS)}, got {kinds['int4_block']!r}"
+                                 ) from None
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, str | int]:

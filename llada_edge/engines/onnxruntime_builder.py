@@ -112,7 +112,32 @@ def classify_matmuls(model: onnx.ModelProto, component: Component) -> list[tuple
 # ----------------------------------------------------------------------------------------------
 
 
-def _quantize_rows(w: np.ndarray, bits: int, block: int | None) -> tuple[np.ndarray, np.ndarray]:
+MSE_CLIP_RATIOS = np.linspace(0.6, 8 / 7, 15)  # x amax; 8/7 puts amax exactly on the largest code (7 of -8..7)
+
+
+def _round(blocks: np.ndarray, scale: np.ndarray, half: int) -> np.ndarray:
+    return np.clip(np.rint(blocks / scale), -half, half - 1)
+
+
+def _block_scales(blocks: np.ndarray, half: int, method: str) -> np.ndarray:
+    """Per-block scales: ``max`` amax / half; ``mse`` the clip ratio (:data:`MSE_CLIP_RATIOS`) with the least squared
+    error of the block (clipping a few outliers buys a finer grid for all the others)."""
+    tiny = np.finfo(np.float32).tiny
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    best = np.maximum(amax / half, tiny)
+    if method == "max":
+        return best
+    best_err = ((_round(blocks, best, half) * best - blocks) ** 2).sum(-1, keepdims=True)
+    for ratio in MSE_CLIP_RATIOS:
+        scale = np.maximum(amax * ratio / half, tiny)
+        err = ((_round(blocks, scale, half) * scale - blocks) ** 2).sum(-1, keepdims=True)
+        better = err < best_err
+        best, best_err = np.where(better, scale, best), np.where(better, err, best_err)
+    return best
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block: int | None, scale_method: str = "max"
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric quantization of [..., N, K] along K (blocks of ``block``, or the whole row).
 
     Returns (unsigned storage [..., N, K*bits/8] with zero point 2^(bits-1), scales [..., N(, K/block)]).
@@ -120,9 +145,8 @@ def _quantize_rows(w: np.ndarray, bits: int, block: int | None) -> tuple[np.ndar
     half = 2 ** (bits - 1)
     k = w.shape[-1]
     blocks = w.reshape(*w.shape[:-1], k // block, block) if block else w[..., None, :]
-    scale = np.abs(blocks).max(axis=-1, keepdims=True) / half
-    scale = np.maximum(scale, np.finfo(np.float32).tiny)
-    q = np.clip(np.rint(blocks / scale), -half, half - 1).astype(np.int16).reshape(w.shape)
+    scale = _block_scales(blocks, half, scale_method)
+    q = _round(blocks, scale, half).astype(np.int16).reshape(w.shape)
     u = (q + half).astype(np.uint8)
     packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else u
     scale = scale[..., 0].astype(np.float32)
@@ -144,7 +168,7 @@ def dequantize_rows(packed: np.ndarray, scales: np.ndarray, bits: int, block: in
     return q * scales[..., None]
 
 
-def quantize_moe(model: onnx.ModelProto, fmt: str, int4_block: int) -> int:
+def quantize_moe(model: onnx.ModelProto, fmt: str, int4_block: int, int4_scale: str = "max") -> int:
     """Rewrite every ``com.microsoft.MoE`` node for ``fmt`` (int4/int8 -> QMoE, fp8 -> fp8 storage + DQ)."""
     inits = _inits(model)
     count = 0
@@ -162,8 +186,9 @@ def quantize_moe(model: onnx.ModelProto, fmt: str, int4_block: int) -> int:
             # int8 QMoE uses per-row scales (block-wise int8 did not reproduce on the CPU kernel here)
             block = min(int4_block_size(fc1.shape[-1], int4_block), int4_block_size(fc2.shape[-1], int4_block)) \
                 if bits == 4 else None
-            w1, s1 = _quantize_rows(fc1, bits, block)
-            w2, s2 = _quantize_rows(fc2, bits, block)
+            method = int4_scale if bits == 4 else "max"
+            w1, s1 = _quantize_rows(fc1, bits, block, method)
+            w2, s2 = _quantize_rows(fc2, bits, block, method)
             names = [f"{node.name}_{n}" for n in ("w1", "s1", "w2", "s2")]
             for name, arr in zip(names, (w1, s1, w2, s2), strict=True):
                 model.graph.initializer.append(numpy_helper.from_array(arr, name))
@@ -265,7 +290,7 @@ def build_component(src: Path, dst: Path, component: Component, recipe: Recipe) 
     model = onnx.load(str(src))
     gemm_to_matmul(model)
     if recipe.experts != "fp32":  # the com.microsoft.MoE node of an `ort`-lowered MoE layer, if any
-        quantize_moe(model, recipe.experts, recipe.int4_block)
+        quantize_moe(model, recipe.experts, recipe.int4_block, recipe.int4_scale)
     quantize_matmuls(model, component, recipe)
     if any(t.data_type == TensorProto.FLOAT8E4M3FN for t in model.graph.initializer):
         _require_opset(model, 19)  # DequantizeLinear on float8

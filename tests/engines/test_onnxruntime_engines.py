@@ -62,11 +62,28 @@ def test_qmoe_matches_numpy_dequantized_reference(bits, block, measure) -> None:
     assert rel <= 1e-4
 
 
+def test_mse_scales_lower_the_int4_error_and_keep_the_storage() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(4, size=(2, 64, 128)).astype(np.float32)  # heavy tails: outliers set amax
+    errors = {}
+    for method in ("max", "mse"):
+        packed, scales = _quantize_rows(w, 4, 32, method)
+        assert packed.shape == (2, 64, 64) and scales.shape == (2, 64, 4)
+        errors[method] = float(((dequantize_rows(packed, scales, 4, 32) - w) ** 2).mean())
+    assert errors["mse"] < 0.9 * errors["max"]
+
+
 def test_recipes_and_overrides() -> None:
     assert RECIPES["mixed"].experts == "int4" and RECIPES["mixed"].dense == "fp8"
     r = get_recipe("int4", parse_overrides(["dit=fp8"]))
     assert r.dit == "fp8" and r.experts == "int4" and r.name == "int4+dit=fp8"
     assert r.router == "fp32" and r.lm_head == "fp32"
+    r = get_recipe("int4", parse_overrides(["int4_block=32", "int4_scale=mse"]))
+    assert r.int4_block == 32 and r.int4_scale == "mse" and r.name == "int4+int4_block=32+int4_scale=mse"
+    with pytest.raises(InputError, match="int4_block must be one of"):
+        get_recipe("int4", {"int4_block": "abc"})
+    with pytest.raises(InputError, match="int4_scale='minmax' is not one of"):
+        get_recipe("int4", {"int4_scale": "minmax"})
     with pytest.raises(InputError, match="unknown precision"):
         get_recipe("int3")
     with pytest.raises(InputError, match="unknown weight kinds"):
@@ -75,10 +92,10 @@ def test_recipes_and_overrides() -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_build_ort: Path) -> dict[str, Manifest]:
+def engines(trained_build_ort: Path) -> dict[str, Manifest]:
     out = {}
     for precision in ("int4", "int8", "fp8", "mixed"):
-        out[precision] = build_engines(tiny_build_ort, "onnxruntime", precision, progress=lambda _m: None)
+        out[precision] = build_engines(trained_build_ort, "onnxruntime", precision, progress=lambda _m: None)
     return out
 
 
@@ -104,15 +121,15 @@ def test_no_weight_silently_left_in_fp32(engines, precision) -> None:
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8", "fp8", "mixed"])
-def test_each_recipe_runs_the_pipeline_and_passes_its_report(engines, tiny_build_ort, precision, measure) -> None:
+def test_each_recipe_runs_the_pipeline_and_passes_its_report(engines, trained_build_ort, precision, measure) -> None:
     report = engines[precision].reports[f"accuracy-{precision}"]
-    assert (tiny_build_ort / report["path"]).is_file()
+    assert (trained_build_ort / report["path"]).is_file()
     for metric in ("logit_cosine", "top1_agreement", "generated_agreement_understand", "generated_agreement_t2i",
                    "tokenizer_id_agreement", "dit_velocity_rel_error", "decode_psnr_db", "t2i_psnr_db"):
         assert np.isfinite(report[metric]), metric
         measure(f"accuracy_{precision}_{metric}", report[metric])
     assert report["passed"], report
-    pipe = Pipeline.load(tiny_build_ort, precision=precision)
+    pipe = Pipeline.load(trained_build_ort, precision=precision)
     result = pipe.generate_image("a quiet harbour", 64, 64, steps=4)
     assert result.image.size == (64, 64) and len(result.vq_tokens) == 4
 
@@ -122,7 +139,41 @@ def test_missing_precision_is_a_clear_error(tiny_build: Path) -> None:
         Pipeline.load(tiny_build, precision="int8")
 
 
-def test_engine_graphs_load_external_data(engines, tiny_build_ort) -> None:
-    path = tiny_build_ort / "engines" / "onnxruntime" / "int4" / "layer_1" / "model.onnx"
+def test_engine_graphs_load_external_data(engines, trained_build_ort) -> None:
+    path = trained_build_ort / "engines" / "onnxruntime" / "int4" / "layer_1" / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _wrong_scale(quantize):
+    """Stored scales disagree with the ones the codes were rounded with (amax/8 vs amax/7: two conventions mixed)."""
+    def broken(w, bits, block):
+        packed, scales = quantize(w, bits, block)
+        return packed, scales * (2 ** (bits - 1)) / (2 ** (bits - 1) - 1)
+    return broken
+
+
+def _transposed_block(quantize):
+    """Each row's K blocks written in reverse order (a layout bug: a block lands where another belongs)."""
+    def broken(w, bits, block):
+        size = block or w.shape[-1] // 2
+        blocks = w.reshape(*w.shape[:-1], w.shape[-1] // size, size)
+        return quantize(np.ascontiguousarray(blocks[..., ::-1, :].reshape(w.shape)), bits, block)
+    return broken
+
+
+@pytest.mark.parametrize("breakage", [_wrong_scale, _transposed_block], ids=["wrong-scale", "transposed-block"])
+def test_a_broken_recipe_fails_its_report(trained_build_ort, engines, breakage, tmp_path, monkeypatch, measure) -> None:
+    """The thresholds separate a shipped recipe (every one passes above) from the same recipe with a bug in the
+    expert quantizer: the int4 engines of a copy of the build are rebuilt with the bug, then reported on."""
+    import shutil
+
+    from llada_edge.engines import build, onnxruntime_builder
+
+    copy = tmp_path / "build"
+    shutil.copytree(trained_build_ort, copy, ignore=shutil.ignore_patterns(".lock"))
+    monkeypatch.setattr(onnxruntime_builder, "_quantize_rows", breakage(onnxruntime_builder._quantize_rows))
+    monkeypatch.setattr(build, "BUILDER_VERSION", f"{build.BUILDER_VERSION}-broken")  # not "up to date"
+    report = build_engines(copy, "onnxruntime", "int4", progress=lambda _m: None).reports["accuracy-int4"]
+    measure(f"accuracy_int4_{breakage.__name__.strip('_')}_top1_agreement", report["top1_agreement"])
+    assert not report["passed"], report
