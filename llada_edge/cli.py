@@ -1,6 +1,7 @@
 """``llada-edge``: one subcommand per public function.
 
-* ``synth``     -> :func:`llada_edge.synthetic.synthesize`
+* ``synth``     -> :func:`llada_edge.synthetic.synthesize` (``--preset tiny-trained``:
+  :func:`llada_edge.training.tiny_trained.tiny_trained`)
 * ``inspect``   -> :func:`llada_edge.summary.summarize_checkpoint`
 * ``reference`` -> :func:`llada_edge.reference.run_reference`
 * ``run``       -> :meth:`llada_edge.runtime.Pipeline.run` on the typed request of :func:`run_request`
@@ -9,6 +10,7 @@
 * ``build``     -> :func:`llada_edge.engines.build.build_engines`
 * ``calibrate`` -> :func:`llada_edge.calibration.capture.calibrate_build`
 * ``quantize``  -> :func:`llada_edge.engines.build.quantize_build` (TensorRT Q/DQ graphs, on the CPU)
+* ``report``    -> :func:`llada_edge.engines.accuracy.accuracy_report` (exit code 3 when a threshold fails)
 
 Bad input (a broken folder, a wrong size...) and a failing environment (a full disk, a read-only
 folder) exit with code 2 and a one-line reason on stderr, never a traceback; an export whose numeric
@@ -195,6 +197,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from llada_edge.calibration.recipes import get_recipe, parse_overrides
+    from llada_edge.engines.accuracy import accuracy_report
+
+    name = get_recipe(args.precision, parse_overrides(args.override)).name
+    report = accuracy_report(args.build, name, _progress, graphs=args.graphs)
+    print(f"{args.build}: accuracy of {name} ({report['graphs']}): {'pass' if report['passed'] else 'FAIL'}")
+    return 0 if report["passed"] else 3
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llada_edge.demo import format_table, run_demo
     from llada_edge.runtime.pipeline import stderr_progress
@@ -346,6 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=[r for r in RECIPES if r != "fp32"], default="fp8")
     p.add_argument("--override", nargs="+", metavar="KIND=FORMAT", help="per-kind formats, e.g. dit=fp8")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("report", help="the accuracy report of a recipe against fp32 (held-out requests)",
+                       description="Measure a recipe's graphs against the fp32 export of the same build on held-out "
+                       "requests (teacher-forced logits, perplexity, expert selection, generation, tokenizer ids, "
+                       "decoder) and check the recipe's thresholds; writes BUILD/reports/accuracy[-gpu]-<recipe>."
+                       "{json,md}. `build --target onnxruntime` runs it for its engines already. Exit code 3 when a "
+                       "threshold fails.")
+    p.add_argument("--build", required=True, help="build folder")
+    p.add_argument("--precision", choices=[r for r in RECIPES if r != "fp32"], default="int4")
+    p.add_argument("--override", nargs="+", metavar="KIND=FORMAT", help="the overrides the graphs were built with")
+    p.add_argument("--graphs", choices=("engines", "gpu"), default="engines",
+                   help="engines: the ONNX Runtime engines (build --target onnxruntime); gpu: the GPU graphs that "
+                   "TensorRT engines are built from (quantize; ModelOpt Q/DQ in fp16), run on ONNX Runtime's CPU "
+                   "provider, so their numerics and not TensorRT's kernels")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

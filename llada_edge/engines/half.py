@@ -69,7 +69,7 @@ def keep_fp32_nodes(model: onnx.ModelProto, classified: list[tuple[onnx.NodeProt
         if any(c.op_type == "ArgMax" for c in consumers.get(node.output[0], [])):
             keep.append(node.name)
         elif kind in KEEP_FP32_KINDS:
-            keep += _routing_subgraph(node, consumers, producers)
+            keep += routing_subgraph(node, consumers, producers)
     for node in model.graph.node:
         if node.op_type in ("Sin", "Cos"):
             keep += _angle_nodes(node, producers)
@@ -89,7 +89,7 @@ def _angle_nodes(trig: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> 
     return found
 
 
-def _routing_subgraph(router: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+def routing_subgraph(router: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
                       producers: dict[str, onnx.NodeProto]) -> list[str]:
     """The router and every node downstream of it that is not a GEMM and does not take a GEMM's output (the
     expert outputs the routing weights multiply: there the routing ends)."""

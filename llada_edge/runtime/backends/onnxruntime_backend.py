@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from llada_edge.buildfolder import Artifact, Manifest, check_not_being_written
 from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
 from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffers
+
+# The kinds of graphs the backend runs: ``build --target onnxruntime`` engines, or the GPU graphs (``quantize``).
+GRAPH_KINDS = {"engines": "ort-engine", "gpu": "qdq"}
+_FLOAT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 
 
 @dataclass
@@ -39,18 +44,26 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
     name = "onnxruntime"
 
     def __init__(self, build_dir: str | Path, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int | None = None, verify: bool = True) -> None:
+                 threads: int | None = None, verify: bool = True, graphs: str = "engines") -> None:
+        """``graphs``: "engines" runs this precision's ONNX Runtime engines (``build --target onnxruntime``);
+        "gpu" runs its GPU graphs instead (``quantize``: ModelOpt Q/DQ in fp16, what the TensorRT engines are
+        built from), for their numerics on the CPU. Either falls back to the fp32 export per component."""
         import onnxruntime as ort
 
+        if graphs not in GRAPH_KINDS:
+            raise InputError(f"graphs must be one of {list(GRAPH_KINDS)}, got {graphs!r}")
         self.build_dir = Path(build_dir)
         check_not_being_written(self.build_dir)
         self.manifest = Manifest.load(self.build_dir)
         self.precision = precision
+        self.graphs = graphs
         super().__init__(ModelConfig.from_folder(self.build_dir / "model"))
         exported = self.registry.exported(self.manifest)
-        if precision != "fp32" and not any(self._artifact(c.name).kind == "ort-engine" for c in exported):
-            raise InputError(f"{self.build_dir}: no {precision} engines in this build; create them with `llada-edge "
-                             f"build --build {self.build_dir} --target onnxruntime --precision {precision}`")
+        if precision != "fp32" and not any(self._artifact(c.name).kind == GRAPH_KINDS[graphs] for c in exported):
+            how = (f"build --build {self.build_dir} --target onnxruntime --precision {precision}" if graphs == "engines"
+                   else f"quantize --build {self.build_dir} --precision {precision}")
+            raise InputError(f"{self.build_dir}: no {precision} {'engines' if graphs == 'engines' else 'GPU graphs'} "
+                             f"in this build; create them with `llada-edge {how}`")
         if verify:  # a tampered or missing file is a BuildError; only the files this backend will load
             self.manifest.verify(self.build_dir, [self._artifact(c.name).entry for c in exported] + ["model"])
         missing = [c.name for c in self.registry.backbone if c.name not in self.manifest.components]
@@ -65,7 +78,9 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         self._providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, Any] = {}  # onnxruntime.InferenceSession per component
         self._bindings: dict[str, Any] = {}
+        self._input_types: dict[str, dict[str, np.dtype[Any]]] = {}
         self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self.float_dtype = self._graph_float_type() if graphs == "gpu" else np.dtype(np.float32)
         # Heads whose fused graph pays off. Measured on the CPU provider (tiny preset, 32-token steps):
         # the 16384-way image head runs 1.6x faster fused, but ORT's exp + reductions over the 173568-way
         # text vocabulary (~13 ms) cost more than host scoring of the still-masked rows only, so text
@@ -75,9 +90,32 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
                                       if (gpu or kind == "image") and head.name in self.manifest.components)
 
     def _artifact(self, name: str) -> Artifact:
-        """What a component runs from: this precision's engine, else the fp32 export."""
-        engine = Artifact.ort_engine(self.precision, name)
+        """What a component runs from: this precision's engine (or GPU graph), else the fp32 export."""
+        engine = (Artifact.ort_engine if self.graphs == "engines" else Artifact.qdq_graph)(self.precision, name)
         return engine if engine.entry in self.manifest.components else Artifact.onnx(name)
+
+    def _graph_float_type(self) -> np.dtype[Any]:
+        """The float type the backbone graphs pass between them (fp16 for half GPU graphs): the buffers are
+        shared, so graphs of mixed types are refused."""
+        found = {}
+        for name in [self.registry.embed.name, *(layer.name for layer in self.registry.layers)]:
+            for arg in [*self.session(name).get_inputs(), *self.session(name).get_outputs()]:
+                if arg.type in _FLOAT_TYPES:
+                    found[f"{name}:{arg.name}"] = _FLOAT_TYPES[arg.type]
+        kinds = {str(d) for d in found.values()}
+        if len(kinds) != 1:
+            raise InputError(f"{self.build_dir}: the {self.precision} backbone graphs mix float types "
+                             f"({', '.join(f'{k}={v}' for k, v in found.items())})")
+        return next(iter(found.values()))
+
+    def _typed(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` in the float types the graph declares (a half GPU graph takes fp16)."""
+        if name not in self._input_types:
+            self._input_types[name] = {a.name: _FLOAT_TYPES[a.type] for a in self.session(name).get_inputs()
+                                       if a.type in _FLOAT_TYPES}
+        types = self._input_types[name]
+        return {k: (np.ascontiguousarray(v, types[k]) if k in types and v.dtype != types[k] else v)
+                for k, v in feeds.items()}
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -125,8 +163,8 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
 
     def _allocate_cache(self, rows: int, capacity: int) -> None:
         shape = self._cache_shape(rows, capacity)
-        self._k = [np.zeros(shape, np.float32) for _ in self.registry.layers]
-        self._v = [np.zeros(shape, np.float32) for _ in self.registry.layers]
+        self._k = [np.zeros(shape, self.float_dtype) for _ in self.registry.layers]
+        self._v = [np.zeros(shape, self.float_dtype) for _ in self.registry.layers]
         self._buffers.clear()
 
     def _step_buffers(self, rows: int, tokens: int) -> _Buffers:
@@ -154,7 +192,8 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
 
     # -- heads -----------------------------------------------------------------------------------
 
-    def _head_buffer(self, rows: int, tokens: int, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    def _head_buffer(self, rows: int, tokens: int, name: str, shape: tuple[int, ...], dtype: npt.DTypeLike
+                     ) -> np.ndarray:
         heads = self._step_buffers(rows, tokens).heads
         if name not in heads:
             heads[name] = np.zeros(shape, dtype)
@@ -163,9 +202,10 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
     def _head(self, kind: str, hidden: np.ndarray) -> np.ndarray:
         head = self.registry.heads[kind]
         rows, tokens, _ = hidden.shape
-        out = self._head_buffer(rows, tokens, head.name, (rows, tokens, head.vocab), np.float32)
-        self._run_bound(head.name, head.feeds(np.ascontiguousarray(hidden, np.float32)), head.outputs(out))
-        return out
+        dtype = _FLOAT_TYPES.get(self.session(head.name).get_outputs()[0].type, np.dtype(np.float32))
+        out = self._head_buffer(rows, tokens, head.name, (rows, tokens, head.vocab), dtype)
+        self._run_bound(head.name, self._typed(head.name, head.feeds(hidden)), head.outputs(out))
+        return out if dtype == np.float32 else out.astype(np.float32)
 
     def head_text(self, hidden: np.ndarray) -> np.ndarray:
         return self._head("text", hidden)
@@ -177,16 +217,18 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         """Guided greedy scoring inside the graph: (x0 [T], p [T]) instead of [B, T, vocab] logits."""
         head = self.registry.sample_heads[kind]
         rows, tokens, _ = hidden.shape
+        p_type = _FLOAT_TYPES.get(self.session(head.name).get_outputs()[1].type, np.dtype(np.float32))
         x0 = self._head_buffer(rows, tokens, f"{head.name}.x0", (tokens,), np.int64)
-        p = self._head_buffer(rows, tokens, f"{head.name}.p", (tokens,), np.float32)
-        self._run_bound(head.name, head.feeds(np.ascontiguousarray(hidden, np.float32),
-                                              np.asarray(row_weights, np.float32)), head.outputs(x0, p))
-        return x0, p
+        p = self._head_buffer(rows, tokens, f"{head.name}.p", (tokens,), p_type)
+        feeds = self._typed(head.name, head.feeds(np.ascontiguousarray(hidden), np.asarray(row_weights, np.float32)))
+        self._run_bound(head.name, feeds, head.outputs(x0, p))
+        return x0, p.astype(np.float32, copy=False)
 
     # -- image side ------------------------------------------------------------------------------
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.session(name).run(None, feeds)[0])
+        out = np.asarray(self.session(name).run(None, self._typed(name, feeds))[0])
+        return out.astype(np.float32) if out.dtype in (np.float16,) else out
 
     def tokenize_image(self, pixels: np.ndarray) -> np.ndarray:
         tokenizer = self.registry.vision_tokenizer
