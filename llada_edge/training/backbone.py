@@ -296,7 +296,7 @@ def train_loop(model: LiveBackbone, data: TrainingData, tok: TextTokenizer, sett
         loss, _ = batch_loss(model, batch)
         total = loss + settings.route_weight * model.router_loss()
         opt.zero_grad(set_to_none=True)
-        total.backward()  # type: ignore[no-untyped-call]
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))

@@ -28,7 +28,8 @@ from llada_edge.runtime.backends.engine_session import EngineSession, StepBuffer
 
 # The kinds of graphs the backend runs: ``build --target onnxruntime`` engines, or the GPU graphs (``quantize``).
 GRAPH_KINDS = {"engines": "ort-engine", "gpu": "qdq"}
-_FLOAT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+_FLOAT_TYPES: dict[str, np.dtype[Any]] = {"tensor(float)": np.dtype(np.float32),
+                                          "tensor(float16)": np.dtype(np.float16)}
 
 
 @dataclass
