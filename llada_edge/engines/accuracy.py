@@ -1,20 +1,26 @@
-"""The accuracy report of a precision recipe: quantized engines vs the fp32 graphs of the same build.
+"""The accuracy report of a precision recipe: its quantized graphs vs the fp32 graphs of the same build.
 
-Measured on the *held-out* requests of ``calibration_set.json`` (never used for calibration):
+Measured on held-out content nothing was trained or calibrated on: docstrings of held-out standard-library
+modules (``training.corpus``), held-out captioned scenes (``training.scenes``) and the "evaluation" requests of
+``calibration_set.json``:
 
-* ``logit_cosine`` / ``top1_agreement``: backbone logits at masked positions of partially masked
-  sequences (mask ratios 0.25 / 0.5 / 0.9; image positions through the image head, answer positions
-  through the text head). Teacher-forced: both sides see the same tokens.
+* ``logit_cosine`` / ``top1_agreement`` (and per task: ``_chat``, ``_understand``, ``_t2i``): backbone logits
+  at masked positions of partially masked sequences (mask ratios 0.25 / 0.5 / 0.9; t2i image codes through the
+  image head, answers through the text head). Teacher-forced: both sides see the same tokens.
+* ``perplexity_fp32`` / ``perplexity`` / ``perplexity_ratio``: of the true held-out text at those masked
+  positions (full-vocabulary softmax); ``masked_accuracy_fp32`` / ``masked_accuracy``: top-1 == the truth.
+* ``expert_agreement_<layer>``: the share of each token's fp32 expert choice the quantized layer also makes,
+  read by routing probes (:mod:`llada_edge.engines.routing_probe`); ``expert_agreement`` is the worst layer.
 * ``generated_agreement_understand`` / ``generated_agreement_t2i``: share of positions where the full
   pipelines generate the same token (errors compound: the strictest measure).
 * ``tokenizer_id_agreement``: VQ ids of the held-out images.
 * ``dit_velocity_rel_error``: ||v_q - v|| / ||v|| of one decoder evaluation (turbo and normal).
 * ``decode_psnr_db``: the same VQ ids decoded by both sides; ``t2i_psnr_db``: both full pipelines.
 
-Each recipe has thresholds (:data:`THRESHOLDS`); the report says which passed. They were set from the
-tiny synthetic preset, whose random router has near-tied expert scores (sigmoid of N(0,1) logits), so a
-small perturbation reroutes tokens: real checkpoints, with decisive routing, should do better. The
-bounds still separate a working recipe from a broken one (a wrong scale or layout gives cosine ~0).
+Each recipe has thresholds (:data:`THRESHOLDS` for the ONNX Runtime engines, :data:`GPU_THRESHOLDS` for the GPU
+graphs); the report says which passed. They are set from the trained tiny checkpoint (``synth --preset
+tiny-trained``), whose logits are peaked and whose routers prefer experts, so that they separate a good recipe
+from a mediocre or broken one; the reasoning is next to them.
 """
 
 from __future__ import annotations

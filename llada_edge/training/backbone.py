@@ -58,7 +58,7 @@ Progress = Callable[[str], None]
 class BackboneTraining:
     """Settings of :func:`train_backbone` (part of the tiny-trained fingerprint)."""
 
-    steps: int = 1200
+    steps: int = 2000
     batch: int = 16
     lr: float = 3e-3
     warmup: int = 60
@@ -155,6 +155,7 @@ class LiveBackbone(nn.Module):
         self.register_buffer("slot", live.index(), persistent=False)
         self.embed = nn.Parameter(backbone.model.word_embeddings.weight[live.ids].detach().clone())
         self.head = nn.Parameter(backbone.lm_head.weight[live.ids].detach().clone())
+        self.dead_rows_zero = False  # the dead lm_head rows: random as synthesized, zero once trained
         self.router_inputs: list[tuple[MoE, torch.Tensor]] = []
         for layer in backbone.decoder_layers():
             if isinstance(layer.mlp, MoE):
@@ -203,6 +204,14 @@ class LiveBackbone(nn.Module):
             target = torch.zeros_like(logits).scatter(1, chosen.detach(), 1.0)
             total = total + F.binary_cross_entropy_with_logits(logits, target)
         return total / max(len(self.router_inputs), 1)
+
+    def full_head(self) -> torch.Tensor:
+        """lm_head as the checkpoint holds it: the live rows, and the dead ones random (as synthesized) until
+        ``dead_rows_zero`` is set (as :meth:`write_back` writes them)."""
+        base = self.backbone.lm_head.weight.detach()
+        full = torch.zeros_like(base) if self.dead_rows_zero else base.clone()
+        full[self.live.ids] = self.head.detach()
+        return full
 
     def write_back(self) -> dict[str, torch.Tensor]:
         """The updated checkpoint tensors (upstream key names)."""
@@ -353,19 +362,19 @@ def quality(model: LiveBackbone, examples: dict[str, list[Example]], tok: TextTo
     return out
 
 
+GAP_POSITIONS = 64  # masked positions per evaluation batch whose full-vocabulary logits are materialised
+
+
 def _top_gaps(model: LiveBackbone, h: torch.Tensor, head: str) -> tuple[list[float], list[float]]:
-    """Top-1 minus top-2 logit of the full head (dead rows are logit 0), in nats and in logit std units."""
-    live = model.head[model.live.image_slots] if head == "image" else model.head
-    logits = h @ live.t()
-    size = model.live.num_image_codes if head == "image" else model.live.vocab_size
-    dead = size - logits.shape[1]
-    full = torch.cat([logits, torch.zeros(len(logits), 1)], dim=1)  # one zero stands for all dead rows
-    top = full.topk(2, dim=-1).values
+    """Top-1 minus top-2 logit over the whole head as the checkpoint holds it (random dead rows before training,
+    zero rows after), in nats and in units of the logits' standard deviation over the vocabulary."""
+    full = model.full_head()
+    if head == "image":
+        full = full[model.live.image_offset:]
+    logits = h[:GAP_POSITIONS] @ full.t()
+    top = logits.topk(2, dim=-1).values
     gap = top[:, 0] - top[:, 1]
-    # the std over the whole vocabulary, dead zeros included
-    mean = logits.sum(-1) / size
-    var = ((logits - mean[:, None]) ** 2).sum(-1) / size + dead * mean**2 / size
-    return gap.tolist(), (gap / var.sqrt().clamp_min(1e-12)).tolist()
+    return gap.tolist(), (gap / logits.std(dim=-1).clamp_min(1e-12)).tolist()
 
 
 def _routing(moe: MoE, x: torch.Tensor) -> tuple[float, float, torch.Tensor]:
@@ -418,6 +427,7 @@ def train_backbone(ckpt_dir: Path, understand: Sequence[SceneTokens], t2i: Seque
     t0 = time.perf_counter()
     losses = train_loop(model, data, tok, settings, seed, say)
     seconds = time.perf_counter() - t0
+    model.dead_rows_zero = True
     after = quality(model, evaluation_sets, tok, seed)
     rewrite_sharded(ckpt_dir, model.write_back())
     return {"settings": asdict(settings), "seconds": seconds, "final_loss": float(np.mean(losses[-50:])),

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from llada_edge.buildfolder import atomic_write_bytes
+from llada_edge.buildfolder import atomic_dir, atomic_write_bytes
 from llada_edge.buildfolder.lock import build_lock
 from llada_edge.config import ModelConfig
 from llada_edge.errors import InputError
@@ -134,7 +134,7 @@ def _training_scene_seeds(seed: int) -> dict[str, list[int]]:
 
 def train_tiny(out: Path, seed: int = 0, settings: BackboneTraining | None = None,
                progress: Progress = _stderr) -> dict[str, Any]:
-    """Write the tiny preset to ``out`` (a new folder) and train it there; returns the training report."""
+    """Write the tiny preset to ``out`` (a new or empty folder) and train it there; returns the training report."""
     from llada_edge.synthetic import synthesize
     from llada_edge.training import image
 
@@ -142,7 +142,7 @@ def train_tiny(out: Path, seed: int = 0, settings: BackboneTraining | None = Non
     torch.manual_seed(seed)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    synthesize(out, "tiny", seed=seed, progress=lambda _m: None)
+    synthesize(out, "tiny", seed=seed, force=True, progress=lambda _m: None)  # into an empty folder
     seconds["synth"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -179,12 +179,8 @@ def tiny_trained(out: str | Path, seed: int = 0, *, cache: str | Path | None = N
     if out.exists() and not force:
         raise InputError(f"{out} already exists (use --force to replace it)")
     entry = cached_checkpoint(seed, cache=cache, progress=progress)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(entry, tmp)
-    tmp.rename(out)
+    with atomic_dir(out, fsync=False) as tmp:
+        shutil.copytree(entry, tmp, dirs_exist_ok=True)
     progress(f"synth: done, {out} (tiny-trained, from {entry})")
     return out
 
@@ -202,16 +198,10 @@ def cached_checkpoint(seed: int = 0, *, cache: str | Path | None = None, progres
     with build_lock(root, "training the tiny-trained checkpoint"):
         if (entry / REPORT_NAME).is_file():
             return entry
-        tmp = root / f".{entry.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
         progress(f"tiny-trained: not cached; training into {entry} (a few minutes on 2 cores)")
-        try:
+        with atomic_dir(entry) as tmp:
             report = train_tiny(tmp, seed, settings, progress)
             report["fingerprint"] = entry.name.rsplit("-", 1)[-1]
             atomic_write_bytes(tmp / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
-            tmp.rename(entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         progress(f"tiny-trained: trained in {report['total_seconds']:.0f} s")
     return entry

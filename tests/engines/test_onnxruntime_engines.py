@@ -124,8 +124,10 @@ def test_no_weight_silently_left_in_fp32(engines, precision) -> None:
 def test_each_recipe_runs_the_pipeline_and_passes_its_report(engines, trained_build_ort, precision, measure) -> None:
     report = engines[precision].reports[f"accuracy-{precision}"]
     assert (trained_build_ort / report["path"]).is_file()
-    for metric in ("logit_cosine", "top1_agreement", "generated_agreement_understand", "generated_agreement_t2i",
-                   "tokenizer_id_agreement", "dit_velocity_rel_error", "decode_psnr_db", "t2i_psnr_db"):
+    for metric in ("logit_cosine", "top1_agreement", "top1_agreement_t2i", "perplexity_ratio", "expert_agreement",
+                   "expert_agreement_layer_1", "expert_agreement_layer_2", "masked_accuracy",
+                   "generated_agreement_understand", "generated_agreement_t2i", "tokenizer_id_agreement",
+                   "dit_velocity_rel_error", "decode_psnr_db", "t2i_psnr_db"):
         assert np.isfinite(report[metric]), metric
         measure(f"accuracy_{precision}_{metric}", report[metric])
     assert report["passed"], report
