@@ -54,23 +54,45 @@ MASK_RATIOS = (0.25, 0.5, 0.9)
 HELD_OUT_PASSAGES = 12  # docstring paragraphs of held-out standard-library modules
 HELD_OUT_SCENES = 6  # captioned scenes per task (understanding, text-to-image)
 
-# metric -> bound ("min" for agreements/cosines/PSNR, "max" for errors). Measured on the tiny preset
-# (build/engines-tiny, `make engines PRECISION=...`): cosine fp8 0.993 / int8 0.993 / int4 0.964 / mixed
-# 0.988; top-1 0.77 / 0.91 / 0.49 / 0.58; tokenizer ids 0.90 / 0.96 / 0.96 / 0.90; DiT velocity error
-# 0.037 / 0.012 / 0.14 / 0.037; decode PSNR 49 / 56 / 38 / 49 dB. Top-1 is low because the random
-# lm_head makes flat logits (top-1 vs top-2 gap ~0.2 sigma): it flips on perturbations that leave the
-# cosine at 0.99. Bounds sit below these with margin; a broken scale or layout gives cosine ~0.
+# metric -> bound ("min" for agreements/cosines/PSNR, "max" for errors and ratios), for the ONNX Runtime engines.
+#
+# Set from the trained tiny checkpoint (`synth --preset tiny-trained`, `llada-edge build --precision P` on its ORT
+# export; README "Accuracy"), measured / bound:
+#
+#              top-1   top-1 t2i  ppl ratio  experts  cosine   tok ids  DiT err  decode dB
+#   fp8        0.977   0.958      1.000      0.9986   1.0000   0.95     0.046    30.3
+#   int8       0.993   0.971      1.000      0.9994   1.0000   0.975    0.016    39.9
+#   int4       0.969   0.924      0.999      0.9994   0.9999   0.975    0.016    39.9
+#   mixed      0.967   0.922      0.999      0.9986   0.9999   0.95     0.046    30.3
+#   int4, int4 everywhere (the former recipe)     0.921  0.783  1.006  0.9935  0.9996   0.975  0.161  15.5
+#   int4 + expert scales 8/7 too large (bug)      0.906  0.668  1.010  0.9985  0.9993   -      -      -
+#   int4 + expert K blocks reversed (bug)         0.736  0.278  1.052  0.9978  0.9873   -      -      -
+#
+# Reasoning: the bounds sit 0.02-0.05 under each shipped recipe's measurement (other CPUs train slightly other
+# weights: the figures move by about 0.01) and above both planted bugs and the former int4-everywhere recipe, so
+# the report separates a good recipe from a mediocre one, which the random preset could not (its top-1 agreement
+# was 0.49-0.91 for the same recipes). Top-1 agreement carries the separation; t2i top-1 is the most sensitive
+# task (16384-way image head, flatter than text) and gets its own bound; the perplexity ratio bounds what the
+# disagreements cost on true text; the cosine stays near 1 for every recipe and only catches gross breakage.
+# Expert agreement is >= 0.99 everywhere (trained routers are decisive) and bounds rerouting. Generated agreement
+# (32 tokens, compounding) is reported but too coarse to bound.
 THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
-    "fp8": {"logit_cosine": ("min", 0.98), "top1_agreement": ("min", 0.65), "tokenizer_id_agreement": ("min", 0.8),
-            "dit_velocity_rel_error": ("max", 0.08), "decode_psnr_db": ("min", 35.0)},
-    "int8": {"logit_cosine": ("min", 0.98), "top1_agreement": ("min", 0.8), "tokenizer_id_agreement": ("min", 0.85),
-             "dit_velocity_rel_error": ("max", 0.04), "decode_psnr_db": ("min", 40.0)},
-    "int4": {"logit_cosine": ("min", 0.93), "top1_agreement": ("min", 0.35), "tokenizer_id_agreement": ("min", 0.85),
-             "dit_velocity_rel_error": ("max", 0.25), "decode_psnr_db": ("min", 28.0)},
-    "mixed": {"logit_cosine": ("min", 0.96), "top1_agreement": ("min", 0.45), "tokenizer_id_agreement": ("min", 0.8),
-              "dit_velocity_rel_error": ("max", 0.08), "decode_psnr_db": ("min", 35.0)},
+    "fp8": {"top1_agreement": ("min", 0.95), "top1_agreement_t2i": ("min", 0.92), "perplexity_ratio": ("max", 1.01),
+            "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999), "tokenizer_id_agreement": ("min", 0.9),
+            "dit_velocity_rel_error": ("max", 0.08), "decode_psnr_db": ("min", 26.0)},
+    "int8": {"top1_agreement": ("min", 0.97), "top1_agreement_t2i": ("min", 0.94), "perplexity_ratio": ("max", 1.01),
+             "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999),
+             "tokenizer_id_agreement": ("min", 0.93), "dit_velocity_rel_error": ("max", 0.03),
+             "decode_psnr_db": ("min", 35.0)},
+    "int4": {"top1_agreement": ("min", 0.94), "top1_agreement_t2i": ("min", 0.87), "perplexity_ratio": ("max", 1.015),
+             "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999),
+             "tokenizer_id_agreement": ("min", 0.93), "dit_velocity_rel_error": ("max", 0.03),
+             "decode_psnr_db": ("min", 35.0)},
+    "mixed": {"top1_agreement": ("min", 0.94), "top1_agreement_t2i": ("min", 0.87),
+              "perplexity_ratio": ("max", 1.015), "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999),
+              "tokenizer_id_agreement": ("min", 0.9), "dit_velocity_rel_error": ("max", 0.08),
+              "decode_psnr_db": ("min", 26.0)},
 }
-
 GPU_THRESHOLDS = THRESHOLDS
 
 Progress = Callable[[str], None]

@@ -88,10 +88,22 @@ def _instrumented(path: Path, router: str, folder: Path, model: onnx.ModelProto)
                 os.link(path.parent / entry, folder / entry)
             except OSError:  # a file system without hard links
                 shutil.copyfile(path.parent / entry, folder / entry)
-    model.graph.output.append(helper.make_tensor_value_info(router, TensorProto.FLOAT, None))
+    model.graph.output.append(helper.make_tensor_value_info(router, _elem_type(model, router), None))
     out = folder / path.name
     out.write_bytes(model.SerializeToString())
     return out
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    """The element type of a graph tensor (fp16 behind a half graph's casts): a Cast's target, else inferred."""
+    for node in model.graph.node:
+        if name in node.output and node.op_type == "Cast":
+            return int(next(a.i for a in node.attribute if a.name == "to"))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        if info.name == name:
+            return int(info.type.tensor_type.elem_type)
+    return int(TensorProto.FLOAT)
 
 
 def install_probes(backend: OnnxRuntimeBackend) -> dict[str, _ProbeSession]:
