@@ -167,14 +167,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from llada_edge.calibration.recipes import parse_overrides
+    from llada_edge.calibration.recipes import get_recipe, parse_overrides
     from llada_edge.engines.build import build_engines
 
-    manifest = build_engines(args.build, args.target, args.precision, parse_overrides(args.override),
+    overrides = parse_overrides(args.override)
+    manifest = build_engines(args.build, args.target, args.precision, overrides,
                              report=not args.no_report, progress=_progress, sm=args.sm, components=args.components)
-    report = manifest.reports.get(f"accuracy-{args.precision}")
+    name = get_recipe(args.precision, overrides).name  # the report of this recipe, overrides included
+    report = manifest.reports.get(f"accuracy-{name}") if args.target == "onnxruntime" else None
     if report:
-        print(f"{args.build}: {args.target} {args.precision} engines; accuracy report {report['path']}: "
+        print(f"{args.build}: {args.target} {name} engines; accuracy report {report['path']}: "
               f"{'pass' if report['passed'] else 'FAIL'}")
     return 0
 

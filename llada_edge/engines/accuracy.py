@@ -65,8 +65,8 @@ HELD_OUT_SCENES = 6  # captioned scenes per task (understanding, text-to-image)
 #   int4       0.969   0.924      0.999      0.9994   0.9999   0.975    0.016    39.9
 #   mixed      0.967   0.922      0.999      0.9986   0.9999   0.95     0.046    30.3
 #   int4, int4 everywhere (the former recipe)     0.921  0.783  1.006  0.9935  0.9996   0.975  0.161  15.5
-#   int4 + expert scales 8/7 too large (bug)      0.906  0.668  1.010  0.9985  0.9993   -      -      -
-#   int4 + expert K blocks reversed (bug)         0.736  0.278  1.052  0.9978  0.9873   -      -      -
+#   int4 + expert scales 8/7 too large (bug)      0.918  0.702  1.005  0.9985  0.9993   -      -      -
+#   int4 + expert K blocks reversed (bug)         0.735  0.278  1.055  0.9978  0.9876   -      -      -
 #
 # Reasoning: the bounds sit 0.02-0.05 under each shipped recipe's measurement (other CPUs train slightly other
 # weights: the figures move by about 0.01) and above both planted bugs and the former int4-everywhere recipe, so
@@ -93,7 +93,38 @@ THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
               "tokenizer_id_agreement": ("min", 0.9), "dit_velocity_rel_error": ("max", 0.08),
               "decode_psnr_db": ("min", 26.0)},
 }
-GPU_THRESHOLDS = THRESHOLDS
+# The GPU graphs (``--graphs gpu``: ModelOpt Q/DQ in fp16, run on ONNX Runtime's CPU provider), measured / bound:
+#
+#              top-1   top-1 t2i  ppl ratio  experts  cosine   tok ids  DiT err  decode dB
+#   fp16       0.995   0.987      1.000      0.9999   1.0000   1.0      0.001    60.0
+#   fp8        0.949   0.887      1.000      0.9974   0.9999   0.843    0.067    27.0
+#   int4       0.936   0.819      1.013      0.9945   0.9996   0.914    0.044    32.4
+#   mixed      0.936   0.819      1.013      0.9945   0.9996   0.843    0.067    27.0
+#   int4 with round-to-nearest weights (int4_method=rtn_dq instead of AWQ)   0.916  0.767  1.009  0.9920
+#
+# Lower than the ONNX Runtime engines, for known reasons: fp8 here is W8A8 (activations quantized too, where the
+# CPU engines store fp8 weights only), the half type adds its own rounding (the fp16 column), and a GPU graph has
+# one Q/DQ mode per graph, so the attention and shared-expert weights of an int4 or mixed layer are int4 as well
+# (int4 and mixed layers are the same graphs; the README's "int4: before and after" shows what that costs). The
+# bounds sit 0.02-0.04 under the measurements; AWQ's lead over round-to-nearest (t2i 0.819 vs 0.767) is inside
+# the int4 bounds, so an int4 build that silently fell back to round-to-nearest fails t2i top-1.
+GPU_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
+    "fp16": {"top1_agreement": ("min", 0.98), "top1_agreement_t2i": ("min", 0.96), "perplexity_ratio": ("max", 1.005),
+             "expert_agreement": ("min", 0.995), "logit_cosine": ("min", 0.9995),
+             "tokenizer_id_agreement": ("min", 0.97), "dit_velocity_rel_error": ("max", 0.01),
+             "decode_psnr_db": ("min", 45.0)},
+    "fp8": {"top1_agreement": ("min", 0.92), "top1_agreement_t2i": ("min", 0.85), "perplexity_ratio": ("max", 1.015),
+            "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999), "tokenizer_id_agreement": ("min", 0.8),
+            "dit_velocity_rel_error": ("max", 0.1), "decode_psnr_db": ("min", 23.0)},
+    "int4": {"top1_agreement": ("min", 0.91), "top1_agreement_t2i": ("min", 0.79), "perplexity_ratio": ("max", 1.025),
+             "expert_agreement": ("min", 0.985), "logit_cosine": ("min", 0.999),
+             "tokenizer_id_agreement": ("min", 0.87), "dit_velocity_rel_error": ("max", 0.07),
+             "decode_psnr_db": ("min", 28.0)},
+    "mixed": {"top1_agreement": ("min", 0.91), "top1_agreement_t2i": ("min", 0.79),
+              "perplexity_ratio": ("max", 1.025), "expert_agreement": ("min", 0.985), "logit_cosine": ("min", 0.999),
+              "tokenizer_id_agreement": ("min", 0.8), "dit_velocity_rel_error": ("max", 0.1),
+              "decode_psnr_db": ("min", 23.0)},
+}
 
 Progress = Callable[[str], None]
 

@@ -76,6 +76,11 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         self._options.log_severity_level = 3
         if threads:
             self._options.intra_op_num_threads = threads
+        if graphs == "gpu":
+            # ORT's buffer reuse fails on the fp16 recipe's AutoCast graphs ("Shape mismatch attempting to re-use
+            # buffer. {1,2,192,16} != {1,4,192,16}" in a 192-token prefill); without reuse they run. The GPU graphs
+            # run here for their numerics only, so the memory cost does not matter.
+            self._options.enable_mem_reuse = False
         self._providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, Any] = {}  # onnxruntime.InferenceSession per component
         self._bindings: dict[str, Any] = {}
