@@ -37,7 +37,7 @@ from llada_edge.calibration.recipes import Recipe, get_recipe
 from llada_edge.components import Component, Registry
 from llada_edge.errors import InputError
 
-BUILDER_VERSION = 8
+BUILDER_VERSION = 9
 TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 GPU_DEFAULT_DTYPE = "fp16"  # a quantized recipe's unquantized parts on a GPU target, unless the export says bf16
 

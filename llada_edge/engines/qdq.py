@@ -23,6 +23,7 @@ Outputs ``BUILD/quant/<recipe>/<component>/model.onnx``.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -169,8 +170,12 @@ def _quantize(staged: Path, dst: Path, component: Component, recipe: Recipe, fmt
     # including the attention-mask bias whose masked entries are float32 min -> NaN scales.
     options = {"calibration_method": recipe.int4_method, "block_size": recipe.int4_block} if fmt == "int4" else {
         "calibration_method": "max", "op_types_to_quantize": ["MatMul", "Gemm", "Conv"]}
+    # ModelOpt reads nodes_to_exclude as regular expressions matched at the start of each node name: a bare
+    # "node_linear" would also exclude node_linear_3_mm and every other GEMM after it (it did: an int4 layer with
+    # its dense GEMMs left fp16 came out with no int4 expert), so each name is escaped and anchored at both ends.
+    patterns = [f"^{re.escape(name)}$" for name in exclude]
     quantize(onnx_path=str(staged), quantize_mode=fmt, calibration_data_reader=reader, calibration_eps=["cpu"],
-             nodes_to_exclude=exclude, high_precision_dtype="fp32", use_external_data_format=True,
+             nodes_to_exclude=patterns, high_precision_dtype="fp32", use_external_data_format=True,
              output_path=str(dst / "model.onnx"), log_level="WARNING", **options)
     return {"excluded_nodes": exclude, "calibration_samples": len(reader)}
 

@@ -149,18 +149,18 @@ def test_engine_graphs_load_external_data(engines, trained_build_ort) -> None:
 
 def _wrong_scale(quantize):
     """Stored scales disagree with the ones the codes were rounded with (amax/8 vs amax/7: two conventions mixed)."""
-    def broken(w, bits, block):
-        packed, scales = quantize(w, bits, block)
+    def broken(w, bits, block, *method):
+        packed, scales = quantize(w, bits, block, *method)
         return packed, scales * (2 ** (bits - 1)) / (2 ** (bits - 1) - 1)
     return broken
 
 
 def _transposed_block(quantize):
     """Each row's K blocks written in reverse order (a layout bug: a block lands where another belongs)."""
-    def broken(w, bits, block):
+    def broken(w, bits, block, *method):
         size = block or w.shape[-1] // 2
         blocks = w.reshape(*w.shape[:-1], w.shape[-1] // size, size)
-        return quantize(np.ascontiguousarray(blocks[..., ::-1, :].reshape(w.shape)), bits, block)
+        return quantize(np.ascontiguousarray(blocks[..., ::-1, :].reshape(w.shape)), bits, block, *method)
     return broken
 
 
