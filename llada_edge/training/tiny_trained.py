@@ -13,9 +13,11 @@ Order of work (each step reads what the previous one wrote into the folder):
 The result is cached under ``<cache>/tiny-trained-<fingerprint>``: the fingerprint covers the seed,
 the training settings, the corpus text, the source of the code that decides the values (this package,
 the model, the synthetic writer) and the torch version, so tests and CI train once and a change of any
-input trains again. Training is deterministic for a given seed on a
-given machine and thread count (floating-point reduction order differs between CPUs, so bit-equality
-across machines is not promised; the quality figures are).
+input trains again. Every random draw is seeded. The image side gives byte-identical weights run to run on
+one machine; the backbone does not (two trainings of one fingerprint here gave different bytes, and report
+figures within 0.003 of each other; parallel accumulation in the backward of the embedding gather and of
+the MoE's index_add is the likely cause, ``torch.use_deterministic_algorithms`` the likely fix). The
+accuracy thresholds leave 0.02-0.05 of margin for that and for other CPUs.
 """
 
 from __future__ import annotations
