@@ -85,6 +85,7 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         self._sessions: dict[str, Any] = {}  # onnxruntime.InferenceSession per component
         self._bindings: dict[str, Any] = {}
         self._input_types: dict[str, dict[str, np.dtype[Any]]] = {}
+        self._output_types: dict[str, list[np.dtype[Any]]] = {}
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self.float_dtype = self._graph_float_type() if graphs == "gpu" else np.dtype(np.float32)
         # Heads whose fused graph pays off. Measured on the CPU provider (tiny preset, 32-token steps):
@@ -113,6 +114,13 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
             raise InputError(f"{self.build_dir}: the {self.precision} backbone graphs mix float types "
                              f"({', '.join(f'{k}={v}' for k, v in found.items())})")
         return next(iter(found.values()))
+
+    def _output_type(self, name: str, index: int) -> np.dtype[Any]:
+        """The float type of a graph's output (fp16 for half GPU graphs), looked up once per graph."""
+        if name not in self._output_types:
+            self._output_types[name] = [_FLOAT_TYPES.get(a.type, np.dtype(np.float32))
+                                        for a in self.session(name).get_outputs()]
+        return self._output_types[name][index]
 
     def _typed(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``feeds`` in the float types the graph declares (a half GPU graph takes fp16)."""
@@ -208,7 +216,7 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
     def _head(self, kind: str, hidden: np.ndarray) -> np.ndarray:
         head = self.registry.heads[kind]
         rows, tokens, _ = hidden.shape
-        dtype = _FLOAT_TYPES.get(self.session(head.name).get_outputs()[0].type, np.dtype(np.float32))
+        dtype = self._output_type(head.name, 0)
         out = self._head_buffer(rows, tokens, head.name, (rows, tokens, head.vocab), dtype)
         self._run_bound(head.name, self._typed(head.name, head.feeds(hidden)), head.outputs(out))
         return out if dtype == np.float32 else out.astype(np.float32)
@@ -223,7 +231,7 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         """Guided greedy scoring inside the graph: (x0 [T], p [T]) instead of [B, T, vocab] logits."""
         head = self.registry.sample_heads[kind]
         rows, tokens, _ = hidden.shape
-        p_type = _FLOAT_TYPES.get(self.session(head.name).get_outputs()[1].type, np.dtype(np.float32))
+        p_type = self._output_type(head.name, 1)
         x0 = self._head_buffer(rows, tokens, f"{head.name}.x0", (tokens,), np.int64)
         p = self._head_buffer(rows, tokens, f"{head.name}.p", (tokens,), p_type)
         feeds = self._typed(head.name, head.feeds(np.ascontiguousarray(hidden), np.asarray(row_weights, np.float32)))
