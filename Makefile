@@ -79,9 +79,13 @@ engines: install $(if $(SYNTHETIC),$(SYNTHETIC)/config.json)
 		--build $(BUILD) --precision $(PRECISION) --graphs gpu))
 
 # Latency vs the PyTorch eager reference and the memory roofline (tiny pipelines + real-dimension layers on
-# this CPU): benchmarks/results/bench.{json,md,png}. About 10 minutes on 2 cores.
+# this CPU): benchmarks/results/bench.{json,md,png}. About 10 minutes on 2 cores. FULL=BUILD adds the full-model
+# section (benchmarks/full_model.py) on an existing real-size build, e.g. one from `llada-edge stream`
+# (README, "The whole model on this CPU"), without rebuilding it; FULL_PRECISION picks its engines (default int4).
+FULL ?=
+FULL_PRECISION ?= int4
 bench: install
-	$(PY) benchmarks/bench.py --out benchmarks/results
+	$(PY) benchmarks/bench.py --out benchmarks/results $(if $(FULL),--full $(FULL) --full-precision $(FULL_PRECISION))
 
 # ruff, then mypy (files and strictness in pyproject.toml [tool.mypy]): zero errors or the target fails.
 lint: install

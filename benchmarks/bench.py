@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # annotations only: the heavy imports stay lazy (inside the f
 
     from llada_edge.config import BackboneConfig
     from llada_edge.runtime import Pipeline
+    from llada_edge.runtime.sampler import GenerationResult
 
 PAST = 1024
 REAL_LAYERS = 20
@@ -89,22 +90,29 @@ def _timed(fn: Callable[[], object]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_pipeline(pipe: Pipeline, image_size: int, text_tokens: int, steps: int) -> dict:
+def t2i_tokens(pipe: Pipeline, prompt: str, image_size: int, steps: int) -> tuple[GenerationResult, float]:
+    """The t2i backbone stage alone (two-row CFG, scale 2): the image tokens and the seconds they took."""
     from llada_edge.runtime import prompts
     from llada_edge.runtime.sampler import BlockDiffusionSampler, SamplingConfig, left_pad
 
     tok = pipe.tokenizer
     gh = gw = image_size // 32
-    rows = left_pad([prompts.t2i_prompt(tok, "a lighthouse at dusk", gh, gw),
-                     prompts.t2i_unconditional_prompt(tok, gh, gw)], pipe.config.backbone.mask_token_id)
+    rows = left_pad([prompts.t2i_prompt(tok, prompt, gh, gw), prompts.t2i_unconditional_prompt(tok, gh, gw)],
+                    pipe.config.backbone.mask_token_id)
+    start = time.perf_counter()
     gen = BlockDiffusionSampler(pipe.backend, "image", SamplingConfig(steps=steps)).generate(rows, gh * gw, [2.0, -1.0])
+    return gen, time.perf_counter() - start
+
+
+def run_pipeline(pipe: Pipeline, image_size: int, text_tokens: int, steps: int) -> dict:
+    gen, _ = t2i_tokens(pipe, "a lighthouse at dusk", image_size, steps)
     t2i = pipe.generate_image("a lighthouse at dusk", image_size, image_size, steps=steps)
     start = time.perf_counter()
     text = pipe.understand(t2i.image, "What is in this picture?", max_new_tokens=text_tokens, steps=steps)
     understand_s = time.perf_counter() - start
     step_ms = [s * 1000 for s in gen.step_seconds]
     return {"step_ms_median": statistics.median(step_ms), "step_ms_p90": percentile(step_ms, 90),
-            "tokens_per_forward": gh * gw / gen.forward_passes, "host_fraction": gen.host_fraction,
+            "tokens_per_forward": gen.tokens.size / gen.forward_passes, "host_fraction": gen.host_fraction,
             "understand_tokens_per_s": max(len(text.tokens), 1) / understand_s,
             "t2i_stages_ms": {k: v * 1000 for k, v in t2i.timings.items()}, "peak_rss_bytes": rss_peak_bytes()}
 
@@ -342,6 +350,9 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--full", type=Path, metavar="BUILD", help="also the full-model section (full_model.py) on "
+                        "this existing real-size build (`make bench FULL=BUILD`)")
+    parser.add_argument("--full-precision", default="int4", help="the full build's engines to run (default int4)")
     args = parser.parse_args()
     if args.smoke:
         args.image_size, args.text_tokens, args.steps = 64, 16, 4
@@ -354,6 +365,12 @@ def main() -> None:
     report["seconds"] = time.perf_counter() - start
     write_report(args.out, report)
     print((args.out / "bench.md").read_text())
+    if args.full:
+        import full_model
+
+        full = full_model.full_part(args.full, args.full_precision)
+        full_model.write(args.out, full)
+        print(full_model.markdown(full))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    from llada_edge.calibration.recipes import parse_overrides
+    from llada_edge.engines.streaming import stream_build
+
+    stats = stream_build(args.checkpoint, args.out, args.precision, moe=args.moe, components=args.components,
+                         overrides=parse_overrides(args.override), keep_graphs=args.keep_graphs,
+                         validate=not args.no_validate, progress=_progress)
+    print(f"{args.out}: {', '.join(args.precision)} engines; build folder {stats.final_disk_bytes / 1e9:.2f} GB "
+          f"(peak {stats.peak_disk_bytes / 1e9:.2f} GB), peak RSS {stats.peak_rss_bytes / 1e9:.2f} GB")
+    if args.stats:
+        Path(args.stats).write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from llada_edge.calibration.capture import calibrate_build
 
@@ -339,6 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "groups (default all), e.g. layer_1 dit_turbo")
     p.add_argument("--no-report", action="store_true", help="skip the accuracy report")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("stream", help="checkpoint -> ONNX Runtime engines one component at a time (bounded disk)",
+                       description="Export, build and clean up one component at a time: each component (the "
+                       "backbone one layer at a time) is exported to fp32 ONNX, rewritten into the engines of every "
+                       "--precision, then its fp32 graph is deleted, so peak disk is the finished build plus one "
+                       "component's fp32 graph, and peak memory one component's. Resumable: a re-run (after a crash "
+                       "or Ctrl-C) continues from the first component not finished, and never trusts a partial file. "
+                       "The result runs like any build (`llada-edge run --model OUT --precision P`). The accuracy "
+                       "report compares each engine with its fp32 graph, so it needs --keep-graphs and then "
+                       "`llada-edge report`.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder in the upstream layout (bf16 or the FP8 "
+                   "experts variant)")
+    p.add_argument("--out", required=True, help="build folder to create or continue")
+    p.add_argument("--precision", nargs="+", choices=[r for r, recipe in RECIPES.items() if not recipe.is_float
+                                                      and recipe.dtype == "fp32"], default=["int4"],
+                   help="recipes to build engines for (default int4); all are built before a graph is deleted")
+    p.add_argument("--override", nargs="+", metavar="KIND=FORMAT", help="per-kind formats for every precision, as in "
+                   "`llada-edge build`, e.g. lm_head=int8")
+    p.add_argument("--components", nargs="+", metavar="NAME", help="components or groups (default all), as in "
+                   "`llada-edge export`")
+    p.add_argument("--moe", choices=("dense", "ort"), default="ort",
+                   help="MoE lowering (default ort: QMoE engines; dense gives per-expert MatMulNBits)")
+    p.add_argument("--keep-graphs", action="store_true", help="keep the fp32 graphs (then `report` can run)")
+    p.add_argument("--no-validate", action="store_true", help="skip each export's ONNX Runtime vs reference check")
+    p.add_argument("--stats", metavar="FILE", help="write what the build cost (seconds per stage, peak disk and RSS) "
+                   "as JSON")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("calibrate", help="capture calibration activations inside the real sampling loops",
                        description="Run the shipped calibration requests (t2i, understanding, chat, editing; CFG rows "

@@ -175,6 +175,12 @@ class ComponentEntry:
     meta: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
 
+    @property
+    def dropped(self) -> bool:
+        """An fp32 export whose graph a streaming build deleted once the engines derived from it were built: the
+        entry keeps its key (what those engines are keyed by) and its I/O contract, not its files."""
+        return bool(self.meta.get("dropped"))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -192,7 +198,8 @@ class ComponentEntry:
         if not isinstance(data, dict):
             raise BuildError(f"expected an object, got {type(data).__name__}", file=file, key=where.rstrip("."))
         files = _require(data, "files", list, file, where)
-        if not files:  # every loaded file must be listed, so an entry without files cannot be trusted
+        dropped = isinstance(data.get("meta"), dict) and bool(data["meta"].get("dropped"))
+        if not files and not dropped:  # every loaded file must be listed, so an entry without files cannot be trusted
             raise BuildError(f"an entry must list its files; {_RERUN}", file=file, key=f"{where}files")
         return cls(
             name=check_relative_path(_require(data, "name", str, file, where), file, f"{where}name"),
@@ -305,6 +312,11 @@ class Manifest:
                 raise BuildError(msg, file=root / MANIFEST_NAME, key=name)
             files = self.components[name].files
             hint = _rerun_hint(self.components[name].kind)
+            if self.components[name].dropped:
+                raise BuildError(f"the fp32 graph was deleted by the streaming build once its engines were built "
+                                 f"({self.components[name].meta['dropped']}); re-run `llada-edge stream` with "
+                                 "--keep-graphs, or `llada-edge export`, to have it again",
+                                 file=root / MANIFEST_NAME, key=name)
             for entry in files:
                 _verify_file(root, name, entry, full_hash, hint)
             _refuse_unlisted(root, name, {PurePosixPath(f.path).parent for f in files}, listed)

@@ -36,6 +36,7 @@ from llada_edge.buildfolder import (
 from llada_edge.calibration.recipes import Recipe, get_recipe
 from llada_edge.components import Component, Registry
 from llada_edge.errors import InputError
+from llada_edge.export.build import in_fresh_process, isolate
 
 BUILDER_VERSION = 9
 TARGETS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
@@ -122,21 +123,42 @@ def verified_sources(build_dir: Path, manifest: Manifest) -> list[Component]:
 
 
 def _build_onnxruntime(build_dir: Path, manifest: Manifest, recipe: Recipe, progress: Progress) -> None:
-    from llada_edge.engines.onnxruntime_builder import build_component
-
     components = [c for c in verified_sources(build_dir, manifest) if c.quantized]
     for i, component in enumerate(components, start=1):
-        key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
-                           versions_of(["onnxruntime"])])
-
-        def rewrite(src: Path, tmp: Path, component: Component = component) -> dict[str, Any]:
-            census = build_component(src, tmp, component, recipe)
-            return {"target": "onnxruntime", "recipe": recipe.to_dict(), "census": census, "source": component.name}
-
-        entry, built = _derived_step(build_dir, manifest, Artifact.ort_engine(recipe.name, component.name), component,
-                                     key, rewrite)
+        entry, built = ort_engine_step(build_dir, manifest, recipe, component)
         where = f"build [{i}/{len(components)}] {component.name} ({recipe.name})"
         progress(f"{where}: {entry.meta['seconds']:.1f} s, {entry.meta['census']}" if built else f"{where}: up to date")
+
+
+def rewrite_component(build_dir: str, name: str, src: str, tmp: str, recipe: Recipe) -> dict[str, int]:
+    """:func:`~llada_edge.engines.onnxruntime_builder.build_component` by component name (picklable arguments, for a
+    fresh process)."""
+    from llada_edge.engines.onnxruntime_builder import build_component
+
+    return build_component(Path(src), Path(tmp), Registry.of_build(build_dir)[name], recipe)
+
+
+def ort_engine_key(manifest: Manifest, recipe: Recipe, component: Component) -> str:
+    """An ONNX Runtime engine's key: the builder, the recipe and the key of the export it is rewritten from (not its
+    files, so a streaming build that deleted the export can still tell that the engine is up to date)."""
+    return fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
+                        versions_of(["onnxruntime"])])
+
+
+def ort_engine_step(build_dir: Path, manifest: Manifest, recipe: Recipe, component: Component
+                    ) -> tuple[ComponentEntry, bool]:
+    """One component's ONNX Runtime engine for a recipe, as a build step (skipped when up to date)."""
+    from llada_edge.engines.onnxruntime_builder import build_component
+
+    def rewrite(src: Path, tmp: Path) -> dict[str, Any]:
+        if isolate(src):
+            census = in_fresh_process(rewrite_component, str(build_dir), component.name, str(src), str(tmp), recipe)
+        else:
+            census = build_component(src, tmp, component, recipe)
+        return {"target": "onnxruntime", "recipe": recipe.to_dict(), "census": census, "source": component.name}
+
+    return _derived_step(build_dir, manifest, Artifact.ort_engine(recipe.name, component.name), component,
+                         ort_engine_key(manifest, recipe, component), rewrite)
 
 
 def _derived_step(build_dir: Path, manifest: Manifest, artifact: Artifact, component: Component, key: str,

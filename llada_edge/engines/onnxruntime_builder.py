@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from llada_edge.calibration.recipes import Recipe, int4_block_size
 from llada_edge.components import Component
@@ -153,6 +154,52 @@ def _quantize_rows(w: np.ndarray, bits: int, block: int | None, scale_method: st
     return packed, (scale if block else scale[..., 0])
 
 
+EXPERTS_PER_CHUNK = 16  # a real expert stack is 2 GiB in fp32: quantize it a slice at a time, not all at once
+
+
+def _quantize_experts(stack: _ExpertStack, bits: int, block: int | None, scale_method: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_quantize_rows` of an [E, N, K] stack, EXPERTS_PER_CHUNK experts at a time (identical result; the
+    temporaries of rounding a whole real stack would be several times its 2 GiB)."""
+    parts = [_quantize_rows(stack.read(i, i + EXPERTS_PER_CHUNK), bits, block, scale_method)
+             for i in range(0, stack.shape[0], EXPERTS_PER_CHUNK)]
+    return np.concatenate([q for q, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+class _ExpertStack:
+    """An [E, N, K] expert weight taken out of the graph, read as fp32 a slice of experts at a time: from its
+    external data file when the model was loaded without it (nothing of it stays in memory), else from the tensor."""
+
+    def __init__(self, model: onnx.ModelProto, tensor: TensorProto, base_dir: Path | None) -> None:
+        self.shape = tuple(tensor.dims)
+        self._array: np.ndarray | None = None
+        self._file: tuple[Path, int] | None = None
+        if tensor.data_location == TensorProto.EXTERNAL:
+            if base_dir is None:
+                raise LladaEdgeError(f"{tensor.name}: external data, but no folder to read it from")
+            info = {e.key: e.value for e in tensor.external_data}
+            if tensor.data_type != TensorProto.FLOAT:
+                raise LladaEdgeError(f"{tensor.name}: expected an fp32 expert stack, got data type {tensor.data_type}")
+            self._file = (base_dir / info["location"], int(info.get("offset", 0)))
+        else:
+            self._array = np.asarray(numpy_helper.to_array(tensor), dtype=np.float32)
+        inits = model.graph.initializer
+        del inits[next(i for i, t in enumerate(inits) if t.name == tensor.name)]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.shape[0])
+        if self._array is not None:
+            return self._array[start:stop]
+        assert self._file is not None
+        path, offset = self._file
+        per_expert = int(np.prod(self.shape[1:]))
+        count = (stop - start) * per_expert
+        data = np.fromfile(path, np.float32, count=count, offset=offset + start * per_expert * 4)
+        if data.size != count:
+            raise LladaEdgeError(f"{path}: truncated external data ({data.size} of {count} values)")
+        return data.reshape(stop - start, *self.shape[1:])
+
+
 def dequantize_rows(packed: np.ndarray, scales: np.ndarray, bits: int, block: int | None) -> np.ndarray:
     """Inverse of the QMoE storage (the numpy reference the tests compare ORT's QMoE against)."""
     half = 2 ** (bits - 1)
@@ -168,27 +215,31 @@ def dequantize_rows(packed: np.ndarray, scales: np.ndarray, bits: int, block: in
     return q * scales[..., None]
 
 
-def quantize_moe(model: onnx.ModelProto, fmt: str, int4_block: int, int4_scale: str = "max") -> int:
-    """Rewrite every ``com.microsoft.MoE`` node for ``fmt`` (int4/int8 -> QMoE, fp8 -> fp8 storage + DQ)."""
+def quantize_moe(model: onnx.ModelProto, fmt: str, int4_block: int, int4_scale: str = "max",
+                 base_dir: Path | None = None) -> int:
+    """Rewrite every ``com.microsoft.MoE`` node for ``fmt`` (int4/int8 -> QMoE, fp8 -> fp8 storage + DQ).
+
+    ``base_dir``: where the external data of a model loaded without it lies; the expert stacks are then read from
+    the file a slice of experts at a time, never whole (a real one is 2 GiB in fp32)."""
     inits = _inits(model)
     count = 0
     for idx, node in enumerate(list(model.graph.node)):
         if node.op_type != "MoE" or node.domain != "com.microsoft":
             continue
-        fc1 = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)  # [E, 2F, D]
-        fc2 = numpy_helper.to_array(inits[node.input[4]]).astype(np.float32)  # [E, D, F]
+        fc1 = _ExpertStack(model, inits.pop(node.input[2]), base_dir)  # [E, 2F, D]
+        fc2 = _ExpertStack(model, inits.pop(node.input[4]), base_dir)  # [E, D, F]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if fmt == "fp8":
-            _fp8_storage(model, node, 2, fc1)
-            _fp8_storage(model, node, 4, fc2)
+            _fp8_storage(model, node, 2, fc1.read(0, fc1.shape[0]))
+            _fp8_storage(model, node, 4, fc2.read(0, fc2.shape[0]))
         else:
             bits = 4 if fmt == "int4" else 8
             # int8 QMoE uses per-row scales (block-wise int8 did not reproduce on the CPU kernel here)
             block = min(int4_block_size(fc1.shape[-1], int4_block), int4_block_size(fc2.shape[-1], int4_block)) \
                 if bits == 4 else None
             method = int4_scale if bits == 4 else "max"
-            w1, s1 = _quantize_rows(fc1, bits, block, method)
-            w2, s2 = _quantize_rows(fc2, bits, block, method)
+            w1, s1 = _quantize_experts(fc1, bits, block, method)
+            w2, s2 = _quantize_experts(fc2, bits, block, method)
             names = [f"{node.name}_{n}" for n in ("w1", "s1", "w2", "s2")]
             for name, arr in zip(names, (w1, s1, w2, s2), strict=True):
                 model.graph.initializer.append(numpy_helper.from_array(arr, name))
@@ -214,7 +265,13 @@ def _fp8_storage(model: onnx.ModelProto, node: onnx.NodeProto, slot: int, weight
     axis = 0 if weight.ndim > 2 else 1  # per output channel: rows of a flattened 3-D weight, columns of [K, N]
     amax = np.abs(rows).max(axis=1 - axis)
     scale = (np.maximum(amax, np.finfo(np.float32).tiny) / FP8_MAX).astype(np.float32)
-    q = (rows / (scale[:, None] if axis == 0 else scale[None, :])).astype(ml_dtypes.float8_e4m3fn)
+    if axis == 0:  # rows of a (large) expert stack: a slice at a time, not a full-size fp32 temporary
+        q = np.empty(rows.shape, ml_dtypes.float8_e4m3fn)
+        step = max(1, len(rows) // 16)
+        for i in range(0, len(rows), step):
+            q[i:i + step] = (rows[i:i + step] / scale[i:i + step, None]).astype(ml_dtypes.float8_e4m3fn)
+    else:
+        q = (rows / scale[None, :]).astype(ml_dtypes.float8_e4m3fn)
     base = f"{node.input[slot]}_fp8"
     model.graph.initializer.append(helper.make_tensor(base, TensorProto.FLOAT8E4M3FN, q.shape,
                                                       q.view(np.uint8).tobytes(), raw=True))
@@ -287,10 +344,13 @@ def precision_census(model: onnx.ModelProto) -> dict[str, int]:
 
 def build_component(src: Path, dst: Path, component: Component, recipe: Recipe) -> dict[str, int]:
     """Rewrite one fp32 graph for ``recipe``; writes ``dst/model.onnx`` (+ external data)."""
-    model = onnx.load(str(src))
-    gemm_to_matmul(model)
+    # Loaded without its weights first: the expert stacks are quantized straight from the file, a slice at a time,
+    # and only the rest (attention, shared expert, norms) is then loaded into memory.
+    model = onnx.load(str(src), load_external_data=False)
     if recipe.experts != "fp32":  # the com.microsoft.MoE node of an `ort`-lowered MoE layer, if any
-        quantize_moe(model, recipe.experts, recipe.int4_block, recipe.int4_scale)
+        quantize_moe(model, recipe.experts, recipe.int4_block, recipe.int4_scale, src.parent)
+    load_external_data_for_model(model, str(src.parent))
+    gemm_to_matmul(model)
     quantize_matmuls(model, component, recipe)
     if any(t.data_type == TensorProto.FLOAT8E4M3FN for t in model.graph.initializer):
         _require_opset(model, 19)  # DequantizeLinear on float8

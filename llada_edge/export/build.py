@@ -18,7 +18,6 @@ leaves nothing that a later run (or the runtime) would trust.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import io
 import logging
@@ -27,7 +26,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -65,10 +64,43 @@ MODEL_FILES_COPIED = ["config.json", "tokenizer.json", "tokenizer_config.json", 
 LIBRARIES = ["llada-edge", "torch", "onnx", "onnxruntime", "onnxscript", "nvidia-modelopt", "tensorrt"]
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 class ValidationFailed(LladaEdgeError):
     """An exported graph disagrees with the reference beyond the tolerance (the files are kept)."""
+
+
+# Peak resident memory of each fresh process, by the function it ran (what a streaming build reports per stage).
+FRESH_PROCESS_PEAKS: list[tuple[str, int]] = []
+
+
+def in_fresh_process(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a spawned process (module-level function, picklable arguments): what a large
+    component's export or rewrite leaves allocated (traced weights, protobuf copies, glibc arenas) goes with the
+    process, so a build's peak memory stays at its largest single component. The child's peak RSS is appended to
+    :data:`FRESH_PROCESS_PEAKS`."""
+    ctx = multiprocessing.get_context("spawn")
+    # A Pool, not a ProcessPoolExecutor: leaving its block on Ctrl-C terminates the child at once, where the
+    # executor would wait for a minute-long export to finish first.
+    with ctx.Pool(1) as pool:
+        result, peak = pool.apply(_measured, (function, *args))
+    FRESH_PROCESS_PEAKS.append((function.__name__, peak))
+    return result
+
+
+def _measured(function: Callable[..., T], *args: Any) -> tuple[T, int]:
+    """``function(*args)`` and this process's peak resident memory in bytes (VmHWM)."""
+    result = function(*args)
+    with open("/proc/self/status", encoding="ascii") as status:
+        peak = next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
+    return result, peak
+
+
+def isolate(graph: Path) -> bool:
+    """Whether a graph's weights are large enough to process in a fresh process (:data:`ISOLATE_BYTES`)."""
+    data = graph.with_name(graph.name + ".data")
+    return data.is_file() and data.stat().st_size > ISOLATE_BYTES
 
 
 def _trace_inputs(spec: ComponentSpec, cfg_vocab: int) -> dict[str, torch.Tensor]:
@@ -92,7 +124,8 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, path: Path, opset: int, 
     args = _trace_inputs(spec, vocab)
     dynamic = {name: {axis: Dim.AUTO for axis in axes} for name, axes in spec.dynamic_axes().items()}
     # The exporter logs every missing optional library (torchvision...) and prints its progress.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(args.values()), str(path), dynamo=True, input_names=list(spec.inputs),
@@ -114,7 +147,7 @@ def _check_dynamic(spec: ComponentSpec, path: Path) -> None:
             raise BuildError(f"exporter fixed dynamic axes {fixed} of input {name!r}", file=path)
 
 
-def _model_files_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest) -> None:
+def model_files_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest) -> None:
     """BUILD/model: the configs and tokenizer the runtime needs, keyed by their content."""
     sources = [rel for rel in MODEL_FILES_COPIED if (ckpt.root / rel).is_file()]
 
@@ -128,7 +161,7 @@ def _model_files_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest) -> 
     build_step(out, manifest, MODEL_FILES, key, copy)
 
 
-def _open_manifest(out: Path, ckpt: CheckpointFolder) -> Manifest:
+def open_manifest(out: Path, ckpt: CheckpointFolder) -> Manifest:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file, not a folder: choose another --out")
     if (out / MANIFEST_NAME).exists():
@@ -159,22 +192,25 @@ def export_component(checkpoint: str, name: str, moe: str, opset: int, validate:
     return validate_component(name, path, cases, references, list(spec.outputs), Path(reports_dir))
 
 
-def _export_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest, component: Component, moe: str,
+def export_key(ckpt: CheckpointFolder, component: Component, moe: str, opset: int, hashes: FileHashCache) -> str:
+    """An export's key: the exporter, the component, its MoE lowering, the opset, its I/O and its source tensors."""
+    return fingerprint([EXPORTER_VERSION, component.name, component.moe_lowering(moe), opset, component.spec.io_dict(),
+                        component.source_fingerprint(ckpt, hashes.sha256)])
+
+
+def export_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest, component: Component, moe: str,
                  opset: int, validate: bool, hashes: FileHashCache) -> tuple[dict[str, Any] | None, bool]:
     """One component's export as a build step; returns (its validation summary, whether it ran now)."""
     spec = component.spec
     lowering = component.moe_lowering(moe)
-    key = fingerprint([EXPORTER_VERSION, component.name, lowering, opset, spec.io_dict(),
-                       component.source_fingerprint(ckpt, hashes.sha256)])
+    key = export_key(ckpt, component, moe, opset, hashes)
     job = (str(ckpt.root), component.name, moe, opset, validate, str(out / "reports"))
 
     def export(tmp: Path) -> StepOutput:
         if component.weight_bytes(ckpt) > ISOLATE_BYTES:
             # A fresh process per large component: the exporter keeps references to the weights it
             # traced, so only process exit bounds the memory to one component at a time.
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                validation = pool.submit(export_component, *job, str(tmp)).result()
+            validation = in_fresh_process(export_component, *job, str(tmp))
         else:
             validation = export_component(*job, str(tmp))
         io = spec.io_dict()
@@ -186,6 +222,14 @@ def _export_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest, componen
     return entry.validation, built
 
 
+def record_export_options(manifest: Manifest, ckpt: CheckpointFolder, moe: str, opset: int) -> None:
+    """What the exported graphs were made from and with (the checkpoint's fingerprint is its exports' keys)."""
+    manifest.checkpoint = {"path": str(ckpt.root.resolve()), "fingerprint": fingerprint(
+        [e.key for n, e in sorted(manifest.components.items()) if e.kind == "onnx"])}
+    manifest.versions = versions_of(LIBRARIES)
+    manifest.options = {"moe": moe, "opset": opset, "precision": "fp32"}
+
+
 def export_build(checkpoint: str | Path, out: str | Path, components: list[str] | None = None, moe: str = "dense",
                  opset: int = DEFAULT_OPSET, validate: bool = True, progress: Progress = print) -> Manifest:
     """Export (and validate) the selected components; returns the saved manifest."""
@@ -194,19 +238,19 @@ def export_build(checkpoint: str | Path, out: str | Path, components: list[str] 
     ckpt = CheckpointFolder(checkpoint)
     out = Path(out).absolute()
     selected = Registry(ckpt.config).select(components)
-    _open_manifest(out, ckpt)  # before the lock file is created: refuse a folder that is not a build
+    open_manifest(out, ckpt)  # before the lock file is created: refuse a folder that is not a build
     with build_lock(out, "exporting"):
         return _export_locked(ckpt, out, selected, moe, opset, validate, progress)
 
 
 def _export_locked(ckpt: CheckpointFolder, out: Path, selected: list[Component], moe: str, opset: int,
                    validate: bool, progress: Progress) -> Manifest:
-    manifest = _open_manifest(out, ckpt)
-    _model_files_step(ckpt, out, manifest)
+    manifest = open_manifest(out, ckpt)
+    model_files_step(ckpt, out, manifest)
     failures = []
     hashes = FileHashCache(out / SOURCE_HASHES)
     for i, component in enumerate(selected, start=1):
-        validation, built = _export_step(ckpt, out, manifest, component, moe, opset, validate, hashes)
+        validation, built = export_step(ckpt, out, manifest, component, moe, opset, validate, hashes)
         where = f"export [{i}/{len(selected)}] {component.name}"
         if not built:
             progress(f"{where}: up to date")
@@ -216,10 +260,7 @@ def _export_locked(ckpt: CheckpointFolder, out: Path, selected: list[Component],
         progress(f"{where}: {manifest.components[component.name].meta['seconds']:.1f} s{summary}")
         if validation is not None and not validation["passed"]:
             failures.append(component.name)
-    manifest.checkpoint = {"path": str(ckpt.root.resolve()), "fingerprint": fingerprint(
-        [e.key for n, e in sorted(manifest.components.items()) if e.kind == "onnx"])}
-    manifest.versions = versions_of(LIBRARIES)
-    manifest.options = {"moe": moe, "opset": opset, "precision": "fp32"}
+    record_export_options(manifest, ckpt, moe, opset)
     validations = {n: e.validation for n, e in manifest.components.items() if e.validation is not None}
     if validations:
         write_reports(out / "reports", validations)

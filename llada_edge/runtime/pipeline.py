@@ -75,10 +75,12 @@ class TextResult:
     forward_passes: int
     steps: int
     stop_token: int | None
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each denoising step
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "tokens": self.tokens, "timings": self.timings,
-                "forward_passes": self.forward_passes, "steps": self.steps, "stop_token": self.stop_token}
+                "forward_passes": self.forward_passes, "steps": self.steps, "stop_token": self.stop_token,
+                "step_seconds": self.step_seconds}
 
 
 @dataclass
@@ -177,7 +179,7 @@ class Pipeline:
 
     def _text_result(self, gen: GenerationResult, timings: dict[str, float]) -> TextResult:
         return TextResult(self.tokenizer.decode(gen.tokens.tolist()), gen.tokens.tolist(), timings,
-                          gen.forward_passes, gen.steps, gen.stop_token)
+                          gen.forward_passes, gen.steps, gen.stop_token, gen.step_seconds)
 
     # -- text out -------------------------------------------------------------------------------
 
@@ -222,7 +224,8 @@ class Pipeline:
         passes = gen.forward_passes + (thinking.forward_passes if thinking is not None else 0)
         text = self.tokenizer.decode(thinking.tokens.tolist()) if thinking is not None else None
         return ImageResult(to_pil(dec.image), gen.tokens.tolist(), grid, timings, passes, gen.steps, text,
-                           {"dit_evaluations": dec.dit_evaluations, "pruned_fraction": gen.pruned_fraction})
+                           {"dit_evaluations": dec.dit_evaluations, "pruned_fraction": gen.pruned_fraction,
+                            "step_seconds": gen.step_seconds})
 
     @_one_at_a_time
     def generate_image(self, prompt: str, height: int | None = None, width: int | None = None,

@@ -1,0 +1,115 @@
+"""The streaming build (`llada-edge stream`): same engines as export + build, bounded disk, resumable, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from llada_edge.buildfolder import Artifact, BuildError, Manifest
+from llada_edge.cli import main
+from llada_edge.engines import streaming
+from llada_edge.engines.build import build_engines
+from llada_edge.engines.streaming import StreamStats, stream_build
+from llada_edge.export.build import export_build
+from llada_edge.runtime import Pipeline
+from llada_edge.synthetic import synthesize
+
+COMPONENTS = ["backbone"]  # embedding, layers and the two heads: what a chat request needs
+CHAT = [{"role": "user", "content": "What does json.dumps do?"}]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _chat_tokens(build: Path, precision: str) -> list[int]:
+    return Pipeline.load(build, precision=precision).chat(CHAT, max_new_tokens=32).tokens
+
+
+def _graph_values(folder: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(folder / "model.onnx"))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StreamStats]:
+    out = tmp_path_factory.mktemp("stream") / "build"
+    return out, stream_build(tiny_ckpt, out, ["int4"], components=COMPONENTS, progress=_quiet)
+
+
+def test_streamed_engines_equal_export_then_build(streamed, tiny_ckpt: Path, tmp_path: Path, measure) -> None:
+    out, stats = streamed
+    regular = tmp_path / "regular"
+    export_build(tiny_ckpt, regular, COMPONENTS, moe="ort", validate=False, progress=_quiet)
+    build_engines(regular, "onnxruntime", "int4", report=False, progress=_quiet)
+    manifest = Manifest.load(out)
+    quantized = [n for n in ("layer_0", "layer_1", "layer_2", "head_text", "head_image")]
+    for name in quantized:  # the same weights and graph, whatever the order in the file
+        ours = _graph_values(out / Artifact.ort_engine("int4", name).folder)
+        theirs = _graph_values(regular / Artifact.ort_engine("int4", name).folder)
+        assert ours.keys() == theirs.keys()
+        assert all(np.array_equal(ours[k], theirs[k]) for k in ours), name
+        assert manifest.components[name].dropped and not (out / "onnx" / name).exists()
+    assert not manifest.components["embed"].dropped  # no recipe rewrites the embedding table: it runs as exported
+    assert _chat_tokens(out, "int4") == _chat_tokens(regular, "int4")
+    # peak disk: the finished build plus the largest single fp32 graph, never all of them at once
+    largest = max(sum(p.stat().st_size for p in (regular / "onnx" / n).iterdir()) for n in quantized)
+    assert stats.peak_disk_bytes <= stats.final_disk_bytes + largest
+    assert stats.final_disk_bytes < sum(p.stat().st_size for p in regular.rglob("*") if p.is_file())
+    measure("stream_tiny_peak_disk_over_final", stats.peak_disk_bytes / stats.final_disk_bytes)
+
+
+def test_dropped_graphs_are_a_clear_error(streamed) -> None:
+    out, _ = streamed
+    with pytest.raises(BuildError, match="deleted by the streaming build"):
+        Pipeline.load(out, precision="fp32")
+    with pytest.raises(BuildError, match="deleted by the streaming build"):  # another recipe needs the graphs
+        build_engines(out, "onnxruntime", "int8", report=False, progress=_quiet)
+
+
+def test_a_rerun_does_nothing(streamed, tiny_ckpt: Path) -> None:
+    out, _ = streamed
+    lines: list[str] = []
+    stats = stream_build(tiny_ckpt, out, ["int4"], components=COMPONENTS, progress=lines.append)
+    assert lines and all(line.endswith("up to date") for line in lines)
+    assert len(stats.skipped) == len(lines)
+
+
+def test_interrupted_stream_resumes_and_never_trusts_a_partial_file(tmp_path: Path, monkeypatch) -> None:
+    """On the FP8-experts checkpoint variant: interrupted in layer 2's engine, resumed after layer 2's kept fp32
+    graph was truncated (a file a crash could have left): it is exported again, and the result runs."""
+    ckpt = synthesize(tmp_path / "fp8", "tiny", expert_dtype="fp8", progress=_quiet)
+    out = tmp_path / "build"
+    real_step = streaming.ort_engine_step
+
+    def interrupted(build_dir, manifest, recipe, component):
+        if component.name == "layer_2":
+            raise KeyboardInterrupt
+        return real_step(build_dir, manifest, recipe, component)
+
+    monkeypatch.setattr(streaming, "ort_engine_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stream_build(ckpt, out, ["int4"], components=COMPONENTS, validate=False, progress=_quiet)
+    monkeypatch.setattr(streaming, "ort_engine_step", real_step)
+    data = out / "onnx" / "layer_2" / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    lines: list[str] = []
+    stream_build(ckpt, out, ["int4"], components=COMPONENTS, validate=False, progress=lines.append)
+    done = {line.split()[2].rstrip(":"): line for line in lines}
+    assert done["embed"].endswith("up to date") and done["layer_1"].endswith("up to date")
+    assert "export" in done["layer_2"] and not done["layer_2"].endswith("up to date")
+    assert not list(out.rglob("*.partial"))
+    assert len(_chat_tokens(out, "int4")) > 0
+
+
+def test_cli_stream_help_and_bad_precision(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["stream", "--help"])
+    assert "Resumable" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["stream", "--checkpoint", "x", "--out", "y", "--precision", "fp16"])
+    assert "invalid choice" in capsys.readouterr().err
