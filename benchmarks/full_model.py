@@ -127,7 +127,11 @@ def reference_layer_part(build: Path, precision: str, repeats: int) -> dict[str,
 def full_part(build: Path, precision: str = "int4", max_new_tokens: int = 64, t2i_size: int = 512,
               repeats: int = 5) -> dict[str, Any]:
     report: dict[str, Any] = {"build": build_part(build), "precision": precision, "requests": []}
+    components = json.loads((build / "manifest.json").read_text())["components"]
     for task in TASKS:
+        if task == "understand" and "vision_tokenizer" not in components:
+            report["requests"].append({"task": task, "skipped": "the build has no vision_tokenizer"})
+            continue
         print(f"full model: {task} ...", flush=True)
         row = _in_fresh_process(run_request, str(build), precision, task, max_new_tokens, t2i_size)
         report["requests"].append(row)
@@ -156,6 +160,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| request | load s | stages s | steps | step ms median / p90 | tokens | tokens / forward | tokens/s "
               "| peak RSS GB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["requests"]:
+        if "skipped" in r:
+            lines.append(f"| {r['task']} | {r['skipped']} | | | | | | | |")
+            continue
         stages_text = ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items())
         lines.append(f"| {r['task']} | {r['load_s']:.1f} | {stages_text} | {r['steps']} | {r['step_ms_median']:.0f} "
                      f"/ {r['step_ms_p90']:.0f} | {r['generated_tokens']} | {r['tokens_per_forward']:.2f} | "

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from llada_edge.export.build import export_build
 from llada_edge.runtime import Pipeline
 from llada_edge.synthetic import synthesize
 
+ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = ["backbone"]  # embedding, layers and the two heads: what a chat request needs
 CHAT = [{"role": "user", "content": "What does json.dumps do?"}]
 
@@ -77,6 +82,24 @@ def test_a_rerun_does_nothing(streamed, tiny_ckpt: Path) -> None:
     stats = stream_build(tiny_ckpt, out, ["int4"], components=COMPONENTS, progress=lines.append)
     assert lines and all(line.endswith("up to date") for line in lines)
     assert len(stats.skipped) == len(lines)
+
+
+def test_full_model_benchmark_reports_a_streamed_build(streamed, tmp_path: Path) -> None:
+    """`make bench FULL=BUILD` in miniature: every figure of each request is there and finite."""
+    out, _ = streamed
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "full_model.py"), "--build", str(out), "--out",
+                          str(tmp_path), "--max-new-tokens", "16", "--t2i-size", "64", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "full_model.json").read_text())
+    assert report["build"]["stream"]["peak_disk_bytes"] >= report["build"]["stream"]["final_disk_bytes"] > 0
+    rows = {r["task"]: r for r in report["requests"]}
+    assert "skipped" in rows["understand"]  # a backbone-only build
+    for task in ("chat", "t2i"):
+        for key in ("load_s", "step_ms_median", "step_ms_p90", "tokens_per_forward", "tokens_per_s", "peak_rss_bytes"):
+            assert math.isfinite(rows[task][key]) and rows[task][key] > 0, (task, key)
+    assert report["reference_layer"]["speedup_vs_bf16"] > 0
+    assert "| chat |" in (tmp_path / "full_model.md").read_text()
 
 
 def test_interrupted_stream_resumes_and_never_trusts_a_partial_file(tmp_path: Path, monkeypatch) -> None:
