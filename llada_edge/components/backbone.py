@@ -77,6 +77,7 @@ class Layer(_BackboneComponent):
     """One decoder layer: the block attends to the past K/V plus itself, as ``attn_mask`` allows."""
 
     graph_kinds = ("experts", "dense")  # one Q/DQ mode per graph: the experts' (94% of a MoE layer's bytes)
+    extra_kinds = ("router",)
 
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__(config, f"layer_{index}")
@@ -154,11 +155,10 @@ class Layer(_BackboneComponent):
 
 
 class _HeadBase(_BackboneComponent):
-    graph_kinds = ("lm_head",)
-
     def __init__(self, config: ModelConfig, kind: str, name: str) -> None:
         super().__init__(config, name)
         self.kind = kind  # "text" (every vocabulary row) or "image" (rows image_token_offset.. only)
+        self.graph_kinds = ("image_head",) if kind == "image" else ("lm_head",)  # separate recipe kinds
 
     @property
     def vocab(self) -> int:

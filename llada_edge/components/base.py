@@ -44,6 +44,9 @@ class Component(ABC):
     #: mode, in order of preference: the first one the recipe does not leave in fp32 wins. Empty: the
     #: graph holds no weight a recipe rewrites (a Gather table, convolutions) and is never quantized.
     graph_kinds: tuple[str, ...] = ()
+    #: Every recipe kind its weights can take (:meth:`weight_kind`'s answers but "keep"): what keys its engines,
+    #: so a recipe change rebuilds only the components it affects.
+    extra_kinds: tuple[str, ...] = ()
     #: Calibration samples share a batch axis (ModelOpt's batch-concatenated ``.npz``); otherwise
     #: (image sizes, code counts differ) they are saved one file per sample.
     stacked_calibration: bool = False
@@ -126,6 +129,11 @@ class Component(ABC):
     @property
     def quantized(self) -> bool:
         return bool(self.graph_kinds)
+
+    @property
+    def recipe_kinds(self) -> tuple[str, ...]:
+        """The recipe kinds this component's weights can take."""
+        return (*self.graph_kinds, *self.extra_kinds)
 
     def weight_kind(self, weight: str, feeds_argmax: bool) -> str:
         """The recipe kind of one constant matmul weight, or "keep" for weights no recipe touches."""

@@ -15,6 +15,7 @@ builder, skipped when up to date, written to a temporary folder and renamed into
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,16 @@ def build_engines(build_dir: str | Path, target: str = "onnxruntime", precision:
 
 def gpu_recipe(precision: str, overrides: dict[str, str] | None, manifest: Manifest) -> Recipe:
     """The recipe on a GPU target: a quantized one keeps its unquantized parts in the export's half dtype (``export
-    --dtype``), else fp16; the float recipes (fp32, fp16, bf16) and an explicit ``--override dtype=...`` are what
-    they say."""
+    --dtype``), else fp16, and its text head unquantized; the float recipes (fp32, fp16, bf16) and an explicit
+    ``--override dtype=...`` / ``lm_head=...`` are what they say."""
     recipe = get_recipe(precision, overrides)
-    if recipe.is_float or "dtype" in (overrides or {}):
+    if recipe.is_float:
+        return recipe
+    if recipe.lm_head != "fp32" and "lm_head" not in (overrides or {}):
+        # The text head's int8 default was measured for ONNX Runtime's weight-only MatMulNBits; in a GPU graph it
+        # would be W8A8 (activations too), unmeasured: it stays in the half dtype there unless asked.
+        recipe = replace(recipe, lm_head="fp32")
+    if "dtype" in (overrides or {}):
         return recipe
     exported = str(manifest.options.get("dtype", "fp32"))
     return recipe.in_dtype(exported if exported != "fp32" else GPU_DEFAULT_DTYPE)
@@ -141,8 +148,8 @@ def rewrite_component(build_dir: str, name: str, src: str, tmp: str, recipe: Rec
 def ort_engine_key(manifest: Manifest, recipe: Recipe, component: Component) -> str:
     """An ONNX Runtime engine's key: the builder, the recipe and the key of the export it is rewritten from (not its
     files, so a streaming build that deleted the export can still tell that the engine is up to date)."""
-    return fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
-                        versions_of(["onnxruntime"])])
+    return fingerprint([BUILDER_VERSION, recipe.key_for(component.recipe_kinds),
+                        manifest.components[component.name].key, versions_of(["onnxruntime"])])
 
 
 def ort_engine_step(build_dir: Path, manifest: Manifest, recipe: Recipe, component: Component
@@ -225,8 +232,9 @@ def ensure_gpu_graphs(build_dir: Path, manifest: Manifest, recipe: Recipe, progr
         if fmt != "fp32":
             calibration_key = calibration_key or ensure_calibration(build_dir, manifest, progress)
         artifact = Artifact.qdq_graph(recipe.name, component.name)
-        key = fingerprint([BUILDER_VERSION, recipe.to_dict(), manifest.components[component.name].key,
-                           versions_of(["nvidia-modelopt"]), calibration_key if fmt != "fp32" else None])
+        key = fingerprint([BUILDER_VERSION, recipe.key_for(component.recipe_kinds),
+                           manifest.components[component.name].key, versions_of(["nvidia-modelopt"]),
+                           calibration_key if fmt != "fp32" else None])
 
         def derive(src: Path, tmp: Path, component: Component = component, fmt: str = fmt) -> dict[str, Any]:
             meta = gpu_graph(src, tmp, component, recipe, build_dir / "calibration")

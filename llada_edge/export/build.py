@@ -83,8 +83,15 @@ def in_fresh_process(function: Callable[..., T], *args: Any) -> T:
     ctx = multiprocessing.get_context("spawn")
     # A Pool, not a ProcessPoolExecutor: leaving its block on Ctrl-C terminates the child at once, where the
     # executor would wait for a minute-long export to finish first.
-    with ctx.Pool(1) as pool:
+    pool = ctx.Pool(1)
+    try:
         result, peak = pool.apply(_measured, (function, *args))
+        pool.close()  # a clean exit: terminate() would leave the pool's semaphores for the resource tracker
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
     FRESH_PROCESS_PEAKS.append((function.__name__, peak))
     return result
 

@@ -66,7 +66,8 @@ def test_recipe_kinds_decide_formats(registry: Registry) -> None:
     mixed = RECIPES["mixed"]
     assert mixed.graph_format(layer.graph_kinds) == "int4"  # one Q/DQ mode per graph: the experts'
     assert get_recipe("int4", {"experts": "fp32"}).graph_format(layer.graph_kinds) == "int8"  # falls to dense (int8)
-    assert mixed.graph_format(registry.heads["text"].graph_kinds) == "fp32"  # lm_head stays fp32
+    assert mixed.graph_format(registry.heads["text"].graph_kinds) == "int8"  # the text head: int8 on a budget
+    assert mixed.graph_format(registry.heads["image"].graph_kinds) == "fp32"  # the image head stays fp32
     assert mixed.graph_format(registry.dits["turbo"].graph_kinds) == "fp8"
     assert not registry.embed.quantized and not registry.vae_decoder.quantized and registry.sigvq.quantized
 

@@ -77,7 +77,8 @@ def test_recipes_and_overrides() -> None:
     assert RECIPES["mixed"].experts == "int4" and RECIPES["mixed"].dense == "fp8"
     r = get_recipe("int4", parse_overrides(["dit=fp8"]))
     assert r.dit == "fp8" and r.experts == "int4" and r.name == "int4+dit=fp8"
-    assert r.router == "fp32" and r.lm_head == "fp32"
+    assert r.router == "fp32" and r.lm_head == "int8" and r.image_head == "fp32"
+    assert RECIPES["int8"].lm_head == "fp32" and RECIPES["mixed"].lm_head == "int8"
     r = get_recipe("int4", parse_overrides(["int4_block=32", "int4_scale=mse"]))
     assert r.int4_block == 32 and r.int4_scale == "mse" and r.name == "int4+int4_block=32+int4_scale=mse"
     with pytest.raises(InputError, match="int4_block must be one of"):
@@ -116,8 +117,14 @@ def test_no_weight_silently_left_in_fp32(engines, precision) -> None:
     assert layer0["fp32_const_matmuls"] == 0
     dit = manifest.components[f"onnxruntime/{precision}/dit_turbo"].meta["census"]
     assert dit["fp32_const_matmuls"] == 0 and (dit["MatMulNBits"] > 0 or dit["fp8_weights"] > 0)
-    head = manifest.components[f"onnxruntime/{precision}/head_text"].meta["census"]
-    assert head["fp32_const_matmuls"] == 1  # lm_head stays fp32 unless asked
+    text_heads = [manifest.components[f"onnxruntime/{precision}/{name}"].meta["census"]
+                  for name in ("head_text", "head_text_sample")]
+    if recipe.lm_head == "int8":  # int4 and mixed: the text head in MatMulNBits int8
+        assert all(h["MatMulNBits"] == 1 and h["fp32_const_matmuls"] == 0 for h in text_heads)
+    else:
+        assert all(h["fp32_const_matmuls"] == 1 for h in text_heads)
+    image_head = manifest.components[f"onnxruntime/{precision}/head_image"].meta["census"]
+    assert image_head["fp32_const_matmuls"] == 1  # the image head stays fp32 unless asked
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8", "fp8", "mixed"])

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from llada_edge.buildfolder import Artifact, BuildError, Manifest
+from llada_edge.calibration.recipes import RECIPES
 from llada_edge.cli import main
 from llada_edge.engines import streaming
 from llada_edge.engines.build import build_engines
@@ -136,3 +138,17 @@ def test_cli_stream_help_and_bad_precision(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["stream", "--checkpoint", "x", "--out", "y", "--precision", "fp16"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_recipe_change_rebuilds_only_the_components_it_affects(tiny_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "build"
+    names = ["layer_1", "head_text", "head_image"]
+    stream_build(tiny_ckpt, out, ["int4"], components=names, keep_graphs=True, validate=False, progress=_quiet)
+    monkeypatch.setitem(RECIPES, "int4", replace(RECIPES["int4"], lm_head="fp32"))  # the text head's format changes
+    lines: list[str] = []
+    stream_build(tiny_ckpt, out, ["int4"], components=names, keep_graphs=True, validate=False, progress=lines.append)
+    done = {line.split()[2].rstrip(":"): line for line in lines}
+    assert done["layer_1"].endswith("up to date") and done["head_image"].endswith("up to date")
+    assert "int4" in done["head_text"] and not done["head_text"].endswith("up to date")
+    census = Manifest.load(out).components["onnxruntime/int4/head_text"].meta["census"]
+    assert census["fp32_const_matmuls"] == 1 and census["MatMulNBits"] == 0

@@ -74,6 +74,10 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
         self._ort = ort
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3
+        # Each session owns a thread pool whose threads spin after their work; a step runs 20+ sessions one after the
+        # other, so the spinning threads of the last one compete with the next one for the cores. Measured on the
+        # full 20-layer int4 build (2 cores, chat): median step 923 ms with spinning, 293 ms without.
+        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             self._options.intra_op_num_threads = threads
         if graphs == "gpu":
