@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,9 @@ class RecordingBackend:
 
     def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise InputError("the recording backend captures the heads' inputs through head_text/head_image only")
+
+    def require(self, components: Sequence[str], task: str) -> None:
+        self.inner.require(components, task)
 
     def tokenize_image(self, pixels: np.ndarray) -> np.ndarray:
         tokenizer = self.registry.vision_tokenizer

@@ -28,6 +28,7 @@ this project's machines (no GPU, no TensorRT). Nothing in this module imports to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -87,6 +88,11 @@ class Backend(Protocol):
         p = its softmax probability, (x0 [T] int64, p [T]), without [B, T, vocab] logits leaving the engine."""
 
     # -- image side -------------------------------------------------------------------------
+
+    def require(self, components: Sequence[str], task: str) -> None:
+        """Raise :class:`~llada_edge.errors.InputError` naming what is missing when this backend cannot run one of
+        these graphs (registry names: ``vision_tokenizer``, ``sigvq``, ``dit_turbo``, ``vae_decoder``...). The
+        pipeline asks before a request starts, so a build without a decoder fails at once, not after its tokens."""
 
     def tokenize_image(self, pixels: np.ndarray) -> np.ndarray:
         """Normalised pixels [1, 3, H, W] -> VQ ids [H/16 * W/16] (int64, token order of the checkpoint)."""

@@ -59,6 +59,14 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+TOKENIZER = "vision_tokenizer"  # the graphs a task needs beyond the backbone, by registry name
+
+
+def decoder_graphs(mode: str) -> list[str]:
+    """What decoding in ``mode`` ("turbo" or "normal") runs: SigVQ, that DiT, the VAE."""
+    return ["sigvq", f"dit_{mode}", "vae_decoder"]
+
+
 def stderr_progress(stage: str, done: int, total: int) -> None:
     """Progress on stderr (what the CLI uses): one updating line on a terminal, the final count otherwise."""
     if sys.stderr.isatty():
@@ -188,6 +196,7 @@ class Pipeline:
                    **overrides: Any) -> TextResult:
         """Answer a question about an image (smart_resize to 128²..800² pixels, tokenizer, text loop)."""
         opts = resolve_options(TextOptions, options, overrides)
+        self.backend.require([TOKENIZER], "understanding")
         start = time.perf_counter()
         ids, gh, gw, t_tok = self._encode_image(image)
         prompt = prompts.understanding_prompt(self.tokenizer, ids.tolist(), gh, gw, question,
@@ -237,6 +246,7 @@ class Pipeline:
         """
         size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
         opts = resolve_options(T2IOptions, options, {**size, **overrides})
+        self.backend.require(decoder_graphs(opts.decode_mode), "text-to-image")
         start = time.perf_counter()
         gh, gw = opts.height // 32, opts.width // 32
         tok = self.tokenizer
@@ -269,6 +279,7 @@ class Pipeline:
         """Edit an image with three-way CFG; the output grid is the source grid (see
         :class:`~llada_edge.runtime.requests.EditOptions`)."""
         opts = resolve_options(EditOptions, options, overrides)
+        self.backend.require([TOKENIZER, *decoder_graphs(opts.decode_mode)], "editing")
         if opts.sprint is not None:
             warnings.warn("SPRINT is not supported with editing CFG; running the baseline loop", stacklevel=2)
         start = time.perf_counter()
@@ -292,6 +303,7 @@ class Pipeline:
                steps: int | None = None, seed: int = 0) -> ImageResult:
         """Render un-offset VQ ids on a (height/32) x (width/32) grid into a height x width image."""
         check_size(height, width)
+        self.backend.require(decoder_graphs(mode), "decoding")
         gh, gw = height // 32, width // 32
         start = time.perf_counter()
         dec = decode_tokens(self.backend, np.asarray(tokens), gh, gw, mode, steps, seed,

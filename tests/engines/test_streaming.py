@@ -20,6 +20,7 @@ from llada_edge.cli import main
 from llada_edge.engines import streaming
 from llada_edge.engines.build import build_engines
 from llada_edge.engines.streaming import StreamStats, stream_build
+from llada_edge.errors import InputError
 from llada_edge.export.build import export_build
 from llada_edge.runtime import Pipeline
 from llada_edge.synthetic import synthesize
@@ -76,6 +77,21 @@ def test_dropped_graphs_are_a_clear_error(streamed) -> None:
         Pipeline.load(out, precision="fp32")
     with pytest.raises(BuildError, match="deleted by the streaming build"):  # another recipe needs the graphs
         build_engines(out, "onnxruntime", "int8", report=False, progress=_quiet)
+
+
+def test_a_task_whose_graphs_are_missing_fails_before_any_work(streamed, tiny_copy: Path) -> None:
+    from PIL import Image
+
+    out, _ = streamed  # the backbone only: no image tokenizer, no decoder
+    pipe = Pipeline.load(out, precision="int4")
+    with pytest.raises(InputError, match="text-to-image needs sigvq, dit_turbo, vae_decoder, which this build lacks"):
+        pipe.generate_image("a lighthouse", 64, 64)
+    with pytest.raises(InputError, match="understanding needs vision_tokenizer"):
+        pipe.understand(Image.new("RGB", (64, 64)), "What is in this picture?")
+    assert pipe.backend.forward_passes == 0  # refused up front, not after generating the tokens
+    (tiny_copy / "decoder" / "model.safetensors").unlink()  # the torch reference, on a checkpoint without it
+    with pytest.raises(InputError, match="dit_normal, whose weights this checkpoint lacks"):
+        Pipeline.load(tiny_copy, backend="torch").generate_image("a lighthouse", 64, 64, decode_mode="normal")
 
 
 def test_a_rerun_does_nothing(streamed, tiny_ckpt: Path) -> None:

@@ -15,8 +15,9 @@ the abstract hooks; the order of calls, the masks, the capacity checks and the c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -90,6 +91,7 @@ class EngineSession(CacheCounters, ABC, Generic[StepT]):
     for one (rows, tokens) step shape (:class:`StepBuffers` plus what the backend keeps with them)."""
 
     provides_key_importance = False  # the graphs output no attention scores (SPRINT pruning needs them)
+    build_dir: Path
     float_dtype: np.dtype[Any] = np.dtype(np.float32)  # hidden states and block K/V: the graphs' float type
 
     def __init__(self, config: ModelConfig) -> None:
@@ -102,6 +104,19 @@ class EngineSession(CacheCounters, ABC, Generic[StepT]):
         self._passes = 0
         self._k: list[Any] = []  # per layer: the K cache [rows, Hkv, capacity, hd] (host or device buffers)
         self._v: list[Any] = []
+
+    @abstractmethod
+    def _has_graph(self, name: str) -> bool:
+        """Whether the build holds something this backend runs for the component ``name``."""
+
+    def _missing_hint(self, names: list[str]) -> str:
+        return f"export them (`llada-edge export --components {' '.join(names)}`) and build them"
+
+    def require(self, components: Sequence[str], task: str) -> None:
+        missing = [name for name in components if not self._has_graph(name)]
+        if missing:
+            raise InputError(f"{self.build_dir}: {task} needs {', '.join(missing)}, which this build lacks; "
+                             f"{self._missing_hint(missing)}")
 
     # -- shared by the backends --------------------------------------------------------------------
 

@@ -145,6 +145,13 @@ class OnnxRuntimeBackend(EngineSession[_Buffers]):
     def providers(self) -> list[str]:
         return list(self._providers)
 
+    def _has_graph(self, name: str) -> bool:
+        return name in self.manifest.components
+
+    def _missing_hint(self, names: list[str]) -> str:
+        return (f"export them (`llada-edge export --components {' '.join(names)}`, or `llada-edge stream` from a "
+                "checkpoint that has their weights)")
+
     def graph_path(self, name: str) -> Path:
         """The ``model.onnx`` a component runs from (this precision's engine, else the fp32 export)."""
         if name not in self.manifest.components:

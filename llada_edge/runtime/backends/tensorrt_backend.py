@@ -131,6 +131,13 @@ class TensorRTBackend(EngineSession[_Step]):
 
     # -- engines ----------------------------------------------------------------------------------
 
+    def _has_graph(self, name: str) -> bool:
+        return Artifact.trt_engine(self.target, self.precision, name).entry in self.manifest.components
+
+    def _missing_hint(self, names: list[str]) -> str:
+        return (f"export them (`llada-edge export --components {' '.join(names)}`), then `llada-edge build --target "
+                f"{self.target} --precision {self.precision}`")
+
     def _context(self, name: str) -> tuple[tensorrt.ICudaEngine, tensorrt.IExecutionContext]:
         if name not in self._engines:
             entry = self.manifest.components.get(Artifact.trt_engine(self.target, self.precision, name).entry)

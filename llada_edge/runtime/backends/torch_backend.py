@@ -19,15 +19,16 @@ without a CUDA device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from llada_edge.checkpoint import CheckpointFolder
+from llada_edge.components import Registry
 from llada_edge.config import BLOCK_SIZE
-from llada_edge.errors import InputError
+from llada_edge.errors import InputError, LladaEdgeError
 from llada_edge.model import load_backbone, load_dit, load_sigvq, load_vae, load_vision_tokenizer
 from llada_edge.model.backbone import KVCache, LLaDA2Backbone, guided_greedy
 from llada_edge.runtime.backends.engine_session import CacheCounters, check_capacity
@@ -116,6 +117,21 @@ class TorchBackend(CacheCounters):
         if key not in self._components:
             self._components[key] = load().to(self.device)
         return self._components[key]
+
+    def require(self, components: Sequence[str], task: str) -> None:
+        registry = Registry(self.config)
+        missing = []
+        for name in components:
+            component = registry[name]
+            try:  # a missing or unreadable weights file raises here, before any module is built
+                component.tensors(self.ckpt)
+                if not all(path.is_file() for path in component.source_files(self.ckpt)):
+                    missing.append(name)
+            except LladaEdgeError:
+                missing.append(name)
+        if missing:
+            raise InputError(f"{self.ckpt.root}: {task} needs {', '.join(missing)}, whose weights this checkpoint "
+                             "lacks")
 
     def _t(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
