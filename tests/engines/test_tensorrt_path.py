@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ def test_calibration_capture_covers_rows_ratios_and_experts(dense_build: Path) -
 @pytest.mark.parametrize("precision", ["fp8", "int8", "mixed"])
 def test_qdq_graphs_pass_the_allowlist_and_run(dense_build: Path, precision: str, measure) -> None:
     manifest = Manifest.load(dense_build)
-    sources = ensure_gpu_graphs(dense_build, manifest, RECIPES[precision], progress=lambda _m: None)
+    # fp32 graphs (the feeds below are fp32); the text head unquantized, as gpu_recipe keeps it on a GPU.
+    recipe = replace(RECIPES[precision], lm_head="fp32")
+    sources = ensure_gpu_graphs(dense_build, manifest, recipe, progress=lambda _m: None)
     quantized = {n: p for n, p in sources.items() if "quant" in p.parts}
     assert {"layer_1", "dit_turbo", "vision_tokenizer"} <= set(quantized)
     cfg = __import__("llada_edge.config", fromlist=["ModelConfig"]).ModelConfig.from_folder(dense_build / "model")
