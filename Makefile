@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[torch,onnx,quant,rtx,dev]"
+	$(PY) -m pip install --quiet -e ".[torch,onnx,quant,rtx,serve,dev]"
 	$(MAKE) --no-print-directory typings
 	touch $@
 

@@ -11,6 +11,8 @@
 * ``calibrate`` -> :func:`llada_edge.calibration.capture.calibrate_build`
 * ``quantize``  -> :func:`llada_edge.engines.build.quantize_build` (TensorRT Q/DQ graphs, on the CPU)
 * ``report``    -> :func:`llada_edge.engines.accuracy.accuracy_report` (exit code 3 when a threshold fails)
+* ``serve``     -> :func:`llada_edge.serve.app.create_app` under uvicorn (``--ray``:
+  :func:`llada_edge.serve.ray_app.run`)
 
 Bad input (a broken folder, a wrong size...) and a failing environment (a full disk, a read-only
 folder) exit with code 2 and a one-line reason on stderr, never a traceback; an export whose numeric
@@ -233,6 +235,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from llada_edge.serve.config import ServeConfig
+        from llada_edge.serve.ray_app import RayOptions
+    except ImportError as exc:
+        raise InputError(f"serve needs the server's packages: pip install 'llada-edge[serve]' ({exc})") from exc
+
+    config = ServeConfig(args.model, args.backend, args.precision, args.device, args.workers, args.queue_size,
+                         args.timeout, tuple(args.image_dir), args.output_dir, args.model_name)
+    if args.ray or args.write_config:
+        from llada_edge.serve import ray_app
+
+        ray = RayOptions(args.replicas, args.replica_cpus, args.replica_gpus)
+        if args.write_config:
+            Path(args.write_config).write_text(ray_app.config_file(config, ray, args.host, args.port))
+            print(f"{args.write_config}: apply with `serve deploy {args.write_config}` on the cluster's head node")
+            return 0
+        _progress(f"llada-edge serve: {ray.replicas} Ray Serve replica(s) on http://{args.host}:{args.port}")
+        ray_app.run(config, ray, args.host, args.port)
+        return 0
+    import uvicorn
+
+    from llada_edge.serve.app import create_app
+
+    _progress(f"llada-edge serve: http://{args.host}:{args.port} (GET /health says when the engines are loaded)")
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reference)
 
     _add_run_parser(sub)
+    _add_serve_parser(sub)
 
     p = sub.add_parser("export", help="export every component to ONNX, validated against the reference",
                        description="Export the components of a checkpoint folder to ONNX graphs in a build folder "
@@ -417,6 +449,40 @@ def build_parser() -> argparse.ArgumentParser:
                    "provider, so their numerics and not TensorRT's kernels")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="an OpenAI-style HTTP server (chat, understanding, images), optionally on Ray Serve",
+        description="Serve a build folder (or a checkpoint folder on the torch backend) over HTTP: POST "
+        "/v1/chat/completions (text messages: chat; one user message with an image_url part: understanding; "
+        "stream: true for server-sent progress), POST /v1/images/generations, POST /v1/images/edits (multipart), "
+        "GET /health (200 once the engines are loaded), GET /metrics (Prometheus), GET /v1/models. Each worker "
+        "owns one pipeline and runs one request at a time; at most --queue-size requests wait, more are answered "
+        "429 with Retry-After. Request options and limits are those of `llada-edge run`. Listens on 127.0.0.1 "
+        "unless told otherwise.")
+    p.add_argument("--model", required=True, help="build folder (onnxruntime, tensorrt) or checkpoint folder (torch)")
+    p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime or tensorrt (default auto)")
+    p.add_argument("--precision", default="fp32", help="which engines of the build (default fp32)")
+    p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--workers", type=int, default=1, help="pipelines, each with its own engines and KV cache "
+                   "(default 1; each holds the model's weights in memory)")
+    p.add_argument("--queue-size", type=int, default=8, help="requests that may wait for a worker (default 8)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request, waiting included (default 600)")
+    p.add_argument("--image-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose images requests may name by path (repeatable; default: none, data URLs only)")
+    p.add_argument("--output-dir", help="where response_format 'path' writes images (default: b64_json only)")
+    p.add_argument("--model-name", help="the model id clients see (default: the model folder's name)")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    p.add_argument("--ray", action="store_true", help="run on Ray Serve (a local instance, or RAY_ADDRESS)")
+    p.add_argument("--replicas", type=int, default=1, help="--ray: replicas, each with its own workers (default 1)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="--ray: CPUs per replica (default 1)")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="--ray: GPUs per replica (default 0)")
+    p.add_argument("--write-config", metavar="FILE", help="write a Ray Serve config file for `serve deploy` and "
+                   "exit (the multi-node form)")
+    p.set_defaults(func=cmd_serve)
 
 
 def _default(kind: type, name: str) -> Any:

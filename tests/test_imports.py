@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llada_edge"
 # Bottom to top. A unit (a top-level module or subpackage of llada_edge) may import only units listed before it.
 LAYERS = [
     "errors", "positions", "config", "layout", "checkpoint", "buildfolder", "synthetic", "model", "components",
-    "runtime", "training", "export", "calibration", "engines", "summary", "reference", "demo", "cli",
+    "runtime", "training", "export", "calibration", "engines", "summary", "reference", "demo", "serve", "cli",
 ]
 
 

@@ -84,11 +84,12 @@ class TextResult:
     steps: int
     stop_token: int | None
     step_seconds: list[float] = field(default_factory=list)  # wall time of each denoising step
+    prompt_tokens: int = 0  # the prompt's length in tokens (image tokens included)
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "tokens": self.tokens, "timings": self.timings,
                 "forward_passes": self.forward_passes, "steps": self.steps, "stop_token": self.stop_token,
-                "step_seconds": self.step_seconds}
+                "step_seconds": self.step_seconds, "prompt_tokens": self.prompt_tokens}
 
 
 @dataclass
@@ -185,9 +186,9 @@ class Pipeline:
         sampler = BlockDiffusionSampler(self.backend, head, sampling, sprint, self._report(stage))
         return sampler.generate(rows, n_tokens, row_weights, stop_ids)
 
-    def _text_result(self, gen: GenerationResult, timings: dict[str, float]) -> TextResult:
+    def _text_result(self, gen: GenerationResult, timings: dict[str, float], prompt: list[int]) -> TextResult:
         return TextResult(self.tokenizer.decode(gen.tokens.tolist()), gen.tokens.tolist(), timings,
-                          gen.forward_passes, gen.steps, gen.stop_token, gen.step_seconds)
+                          gen.forward_passes, gen.steps, gen.stop_token, gen.step_seconds, len(prompt))
 
     # -- text out -------------------------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class Pipeline:
         gen = self._generate("text", [prompt], opts.max_new_tokens, opts, opts.sprint, "understand",
                              stop_ids=[self.tokenizer.eos_id])
         timings = {"tokenizer": t_tok, "backbone": time.perf_counter() - t0, "total": time.perf_counter() - start}
-        return self._text_result(gen, timings)
+        return self._text_result(gen, timings, prompt)
 
     @_one_at_a_time
     def chat(self, messages: Sequence[dict[str, str]], options: TextOptions | None = None,
@@ -217,7 +218,7 @@ class Pipeline:
         gen = self._generate("text", [prompt], opts.max_new_tokens, opts, opts.sprint, "chat",
                              stop_ids=[self.tokenizer.eos_id])
         elapsed = time.perf_counter() - start
-        return self._text_result(gen, {"backbone": elapsed, "total": elapsed})
+        return self._text_result(gen, {"backbone": elapsed, "total": elapsed}, prompt)
 
     # -- images out -----------------------------------------------------------------------------
 
