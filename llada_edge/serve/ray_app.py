@@ -11,6 +11,7 @@ in-flight requests get a 5xx from Ray's proxy, the others go on.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,27 +52,34 @@ def deployment(config: ServeConfig, ray: RayOptions) -> Any:
 
         def __init__(self, config_dict: dict[str, Any]) -> None:
             self.config = ServeConfig.from_dict(config_dict)
-            self.app: Any = None
+            self.asgi: Any = None  # (`app` is taken: the ingress wrapper defines it)
 
         def __serve_build_asgi_app__(self) -> Any:
             from llada_edge.serve.app import create_app
 
-            self.app = create_app(self.config)
-            return self.app
+            self.asgi = create_app(self.config)
+            return self.asgi
 
         def check_health(self) -> None:
             """Ray's health probe: a replica whose engines failed to load is replaced."""
-            if self.app is not None and self.app.state.server.scheduler.load_error is not None:
-                raise RuntimeError(f"engines failed to load: {self.app.state.server.scheduler.load_error}")
-
-        def pid(self) -> int:  # the load/fault tests kill a replica by process id
-            return os.getpid()
+            if self.asgi is not None and self.asgi.state.server.scheduler.load_error is not None:
+                raise RuntimeError(f"engines failed to load: {self.asgi.state.server.scheduler.load_error}")
 
     actor_options = {"num_cpus": ray.num_cpus, "num_gpus": ray.num_gpus}
     wrapped = serve.deployment(LladaEdge, name=DEPLOYMENT, num_replicas=ray.replicas,
                                ray_actor_options=actor_options, health_check_period_s=2,
                                max_ongoing_requests=config.workers + config.queue_size)
     return wrapped.bind(config.to_dict())
+
+
+def replica_pids() -> list[int]:
+    """Process ids of this machine's llada-edge replicas (Ray titles them ``ray::ServeReplica:<app>:<deployment>``):
+    what an operator (or the fault tests) signals to take one replica down."""
+    import psutil
+
+    title = f"ServeReplica:{APP_NAME}:{DEPLOYMENT}"
+    return sorted(proc.pid for proc in psutil.process_iter(["cmdline"])
+                  if any(title in part for part in (proc.info["cmdline"] or [])[:1]))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -93,12 +101,31 @@ def config_file(config: ServeConfig, ray: RayOptions, host: str, port: int) -> s
     return json.dumps(document, indent=2) + "\n"
 
 
-def run(config: ServeConfig, ray_options: RayOptions, host: str, port: int, blocking: bool = True) -> None:
-    """Start a local Ray instance (or join RAY_ADDRESS) and run the app on ``host:port``."""
+def run(config: ServeConfig, ray_options: RayOptions, host: str, port: int) -> None:
+    """Start a local Ray instance (or join RAY_ADDRESS), run the app on ``host:port`` until Ctrl-C or SIGTERM,
+    then take the application down and stop the Ray instance this call started (a second signal during that
+    shutdown is ignored: an interrupted ``ray.shutdown`` leaves Ray's agent processes behind)."""
     serve = _require_ray()
+    import signal
+
     import ray
 
+    started_here = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(config, ray_options), name=APP_NAME, route_prefix="/", blocking=blocking)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(config, ray_options), name=APP_NAME, route_prefix="/", blocking=False)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if started_here:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
