@@ -93,7 +93,7 @@ lint: install
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -q --durations=8
+	$(PY) -m pytest -q --durations=30
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -114,23 +114,28 @@ def parse_size(size: str | None) -> dict[str, Any]:
     return {"width": int(width), "height": int(height)}
 
 
-class ImageGenerationRequest(Strict):
-    """``POST /v1/images/generations``."""
+class ImageBody(Strict):
+    """What the two image endpoints share."""
 
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=1)  # one answer per request
-    size: str | None = None
     response_format: ResponseFormat = "b64_json"
     seed: int | None = None
     user: str | None = None
-    quality: str | None = None  # accepted for OpenAI clients; quality here is steps and decode_mode
     # LLaDA2.0-Uni
     steps: int | None = None
-    guidance: float | None = None  # the CFG scale (1: no guidance, one row)
-    mode: Literal["normal", "thinking"] | None = None
+    guidance: float | None = None  # the (text) CFG scale
     decode_mode: Literal["turbo", "normal"] | None = None
     decode_steps: int | None = None
+
+
+class ImageGenerationRequest(ImageBody):
+    """``POST /v1/images/generations``."""
+
+    size: str | None = None
+    quality: str | None = None  # accepted for OpenAI clients; quality here is steps and decode_mode
+    mode: Literal["normal", "thinking"] | None = None
 
     def to_request(self) -> T2IRequest:
         options = T2IOptions(**parse_size(self.size), **_given(
@@ -139,22 +144,12 @@ class ImageGenerationRequest(Strict):
         return T2IRequest(self.prompt, options)
 
 
-class ImageEditForm(Strict):
+class ImageEditForm(ImageBody):
     """``POST /v1/images/edits`` (multipart: these fields and the ``image`` file). No ``size``: the output has the
     grid of the centre-cropped source (``source_size``), decoded at twice its pixels."""
 
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int = Field(1, ge=1, le=1)  # one answer per request
     source_size: int | None = None
-    response_format: ResponseFormat = "b64_json"
-    seed: int | None = None
-    user: str | None = None
-    steps: int | None = None
-    guidance: float | None = None  # text guidance
     image_guidance: float | None = None  # 0: two CFG rows
-    decode_mode: Literal["turbo", "normal"] | None = None
-    decode_steps: int | None = None
 
     def to_request(self, image: Any) -> EditRequest:
         options = EditOptions(**_given(seed=self.seed, steps=self.steps, cfg_text_scale=self.guidance,
