@@ -7,8 +7,8 @@ One run, the same mixed requests (chat, understanding of an image sent as a data
 * **direct**: through the Python API in this process (``Pipeline.run``, one request after another): the floor;
 * **server**: ``llada-edge serve`` (one process, ``--workers`` engine sessions) with ``--concurrency`` clients;
 * **ray**: ``llada-edge serve --ray --replicas 2`` (one worker each) with the same clients;
-* **burst**: 4x the single server's capacity (workers + queue) sent at once: every request gets 200 or 429 with
-  ``Retry-After``, none is lost;
+* **burst** (and **ray_burst**): 4x the capacity (workers + queue, per replica) sent at once: every request gets 200
+  or 429 with ``Retry-After``, none is lost;
 * **fault** (Ray): a long image request, its replica killed with SIGKILL mid-request, chats sent meanwhile: the
   killed request gets a 5xx, every other one a 200, Ray brings a replacement up (seconds reported);
 * **soak**: ``--soak`` chat requests against the single server, its RSS sampled every ``--soak / 10``: growth from
@@ -47,6 +47,7 @@ from bench import percentile
 
 Body = tuple[str, dict[str, Any]]  # (endpoint path, JSON body)
 CHAT_PATH, IMAGES_PATH = "/v1/chat/completions", "/v1/images/generations"
+RUNS = ("direct", "server", "ray", "burst", "ray_burst", "soak")  # the report's rows
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         with server(args.model, port, ray, lambda: healthy(url) and len(replica_pids()) == 2):
             print(f"ray: {len(bodies)} requests, {args.concurrency} clients, 2 replicas", file=sys.stderr)
             report["ray"] = summary(*run_load(url, bodies, args.concurrency))
+            capacity = 2 * (1 + args.queue_size)
+            print(f"ray burst: {4 * capacity} at once", file=sys.stderr)
+            report["ray_burst"] = run_burst(url, mixed_bodies(4 * capacity, image, args.t2i_size))
             print("fault: a replica killed mid-request", file=sys.stderr)
             report["fault"] = run_fault(url, args.fault_size, chats=4)
     return report
@@ -296,7 +300,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['workers']} workers, queue {report['queue_size']}.", "",
              "| run | requests | answers (status: count) | lost | p50 s | p95 s | p50 s chat / understand / t2i "
              "| throughput req/s |", "|---|---|---|---|---|---|---|---|"]
-    for name in ("direct", "server", "ray", "burst", "soak"):
+    for name in RUNS:
         if name in report:
             row = report[name]
             tasks = " / ".join(str(row["p50_s_by_task"].get(t, "-")) for t in ("chat", "understand", "t2i"))
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "serve_load.md").write_text(markdown(report))
     print(markdown(report))
-    lost = sum(report[name]["lost"] for name in ("direct", "server", "ray", "burst", "soak") if name in report)
+    lost = sum(report[name]["lost"] for name in RUNS if name in report)
     return 1 if lost else 0
 
 

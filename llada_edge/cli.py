@@ -243,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError(f"serve needs the server's packages: pip install 'llada-edge[serve]' ({exc})") from exc
 
     config = ServeConfig(args.model, args.backend, args.precision, args.device, args.workers, args.queue_size,
-                         args.timeout, tuple(args.image_dir), args.output_dir, args.model_name)
+                         args.timeout, tuple(args.image_dir), args.output_dir, args.model_name, args.threads)
     if args.ray or args.write_config:
         from llada_edge.serve import ray_app
 
@@ -475,6 +475,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="a folder whose images requests may name by path (repeatable; default: none, data URLs only)")
     p.add_argument("--output-dir", help="where response_format 'path' writes images (default: b64_json only)")
     p.add_argument("--model-name", help="the model id clients see (default: the model folder's name)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: the CPUs shared among "
+                   "the workers; with --ray, each replica's --replica-cpus)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (a local instance, or RAY_ADDRESS)")
     p.add_argument("--replicas", type=int, default=1, help="--ray: replicas, each with its own workers (default 1)")

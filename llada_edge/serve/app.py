@@ -93,7 +93,8 @@ def default_loader(config: ServeConfig) -> Callable[[], Runner]:
         from llada_edge.runtime import BackendOptions, Pipeline
 
         return Pipeline.load(config.model, backend=config.backend,
-                             options=BackendOptions(precision=config.precision, device=config.device))
+                             options=BackendOptions(precision=config.precision, device=config.device,
+                                                    threads=config.worker_threads))
 
     return load
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,17 @@ class ServeConfig:
     image_dirs: tuple[str, ...] = ()  # folders whose images a request may name by path
     output_dir: str | None = None  # where response_format "path" writes images
     model_name: str | None = None  # the id clients see (default: the model folder's name)
+    # ONNX Runtime threads per worker. None: the CPUs this process may use, shared among its workers (a Ray
+    # replica: its declared CPUs); without it every worker's sessions would take one thread per core.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise InputError(f"workers must be >= 1, got {self.workers}")
         if self.queue_size < 0:
             raise InputError(f"queue size must be >= 0, got {self.queue_size}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads}")
         if not self.timeout > 0:
             raise InputError(f"timeout must be > 0 seconds, got {self.timeout}")
         if not Path(self.model).is_dir():
@@ -38,6 +44,11 @@ class ServeConfig:
     @property
     def name(self) -> str:
         return self.model_name or Path(self.model).resolve().name
+
+    @property
+    def worker_threads(self) -> int:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.threads or max(1, cpus // self.workers)
 
     @property
     def readable(self) -> tuple[Path, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,13 @@ def deployment(config: ServeConfig, ray: RayOptions) -> Any:
                 raise RuntimeError(f"engines failed to load: {self.asgi.state.server.scheduler.load_error}")
 
     actor_options = {"num_cpus": ray.num_cpus, "num_gpus": ray.num_gpus}
+    # One request more than a replica holds reaches it, to be answered 429 at once by its own bounded queue:
+    # Ray's router then never parks requests in a queue of its own, unbounded and invisible to /metrics.
     wrapped = serve.deployment(LladaEdge, name=DEPLOYMENT, num_replicas=ray.replicas,
                                ray_actor_options=actor_options, health_check_period_s=2,
-                               max_ongoing_requests=config.workers + config.queue_size)
+                               max_ongoing_requests=config.workers + config.queue_size + 1)
+    if config.threads is None and ray.num_cpus >= 1:  # the replica's declared CPUs, not the node's
+        config = replace(config, threads=max(1, int(ray.num_cpus) // config.workers))
     return wrapped.bind(config.to_dict())
 
 

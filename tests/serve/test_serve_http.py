@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llada_edge.errors import InputError
 from llada_edge.serve.app import create_app
 from llada_edge.serve.config import ServeConfig
 
@@ -215,3 +216,16 @@ def test_edits_need_an_image_part(tmp_path, runner_type) -> None:
         junk = client.post("/v1/images/edits", data={"prompt": "blue"},
                            files={"image": ("a.png", b"not a png", "image/png")})
         assert junk.status_code == 400 and "not an image" in junk.json()["error"]["message"]
+
+
+def test_workers_share_the_cpus(tmp_path, monkeypatch) -> None:
+    """Without --threads, each worker's ONNX Runtime sessions get the process's CPUs divided among the workers
+    (each session would otherwise take one thread per core, and N workers would oversubscribe the machine)."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert config(tmp_path, workers=3).worker_threads == 2
+    assert config(tmp_path, workers=16).worker_threads == 1
+    assert config(tmp_path, workers=3, threads=5).worker_threads == 5
+    with pytest.raises(InputError, match="threads must be >= 1"):
+        config(tmp_path, threads=0)

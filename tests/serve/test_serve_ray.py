@@ -90,7 +90,7 @@ def test_write_config(tiny_build: Path, tmp_path: Path) -> None:
 
     target = tmp_path / "serve.yaml"
     assert main(["serve", "--model", str(tiny_build), "--write-config", str(target), "--replicas", "3",
-                 "--replica-gpus", "1", "--workers", "2", "--port", "9000"]) == 0
+                 "--replica-gpus", "1", "--replica-cpus", "4", "--workers", "2", "--port", "9000"]) == 0
     document = json.loads(target.read_text())  # YAML is a superset of JSON: `serve deploy` reads it as written
     assert document["http_options"] == {"host": "127.0.0.1", "port": 9000}
     (application,) = document["applications"]
@@ -99,4 +99,6 @@ def test_write_config(tiny_build: Path, tmp_path: Path) -> None:
     assert (args["model"], args["replicas"], args["num_gpus"], args["workers"]) == (str(tiny_build), 3, 1.0, 2)
     bound = app_builder(args)  # what `serve deploy` calls: the args build the deployment as the CLI would
     assert bound._bound_deployment.num_replicas == 3
-    assert bound._bound_deployment.ray_actor_options["num_gpus"] == 1.0
+    assert bound._bound_deployment.ray_actor_options == {"num_cpus": 4.0, "num_gpus": 1.0}
+    (replica_config,) = bound._bound_deployment.init_args
+    assert replica_config["threads"] == 2  # each worker's ONNX Runtime threads: the replica's 4 CPUs over 2 workers

@@ -28,9 +28,14 @@ class BackendOptions:
     precision: str = "fp32"  # onnxruntime, tensorrt: which engines of the build
     device: str = "cpu"  # torch
     dtype: str = "float32"  # torch
+    threads: int | None = None  # onnxruntime: intra-op threads per session (None: ONNX Runtime's, one per core)
 
     def for_backend(self, name: str) -> dict[str, Any]:
-        return {"device": self.device, "dtype": self.dtype} if name == "torch" else {"precision": self.precision}
+        if name == "torch":
+            return {"device": self.device, "dtype": self.dtype}
+        if name == "onnxruntime" and self.threads:
+            return {"precision": self.precision, "threads": self.threads}
+        return {"precision": self.precision}
 
 
 def resolve_backend(name: str, path: str | Path) -> str:
