@@ -50,6 +50,9 @@ class Component(ABC):
     #: Calibration samples share a batch axis (ModelOpt's batch-concatenated ``.npz``); otherwise
     #: (image sizes, code counts differ) they are saved one file per sample.
     stacked_calibration: bool = False
+    #: Per-output relative tolerances of the export validation where the default (1e-4 of max |reference|)
+    #: does not measure the output's own precision; each entry says why.
+    validation_tolerances: dict[str, float] = {}  # noqa: RUF012 (read-only, overridden per class)
 
     def __init__(self, config: ModelConfig, name: str) -> None:
         self.config = config

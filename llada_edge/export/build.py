@@ -196,7 +196,8 @@ def export_component(checkpoint: str, name: str, moe: str, opset: int, validate:
     release_memory()
     if not validate:
         return None
-    return validate_component(name, path, cases, references, list(spec.outputs), Path(reports_dir))
+    return validate_component(name, path, cases, references, list(spec.outputs), Path(reports_dir),
+                              component.validation_tolerances)
 
 
 def export_key(ckpt: CheckpointFolder, component: Component, moe: str, opset: int, hashes: FileHashCache) -> str:
@@ -225,7 +226,7 @@ def export_step(ckpt: CheckpointFolder, out: Path, manifest: Manifest, component
                           validation)
 
     entry, built = build_step(out, manifest, Artifact.onnx(component.name), key, export,
-                              reuse=lambda e: e.validation is not None or not validate)
+                              reuse=lambda e: not validate or (e.validation is not None and e.validation["passed"]))
     return entry.validation, built
 
 

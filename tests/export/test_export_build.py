@@ -105,6 +105,43 @@ def test_interrupted_export_leaves_nothing_trusted(tiny_ckpt: Path, tmp_path: Pa
     assert Manifest.load(out).components["sigvq"].validation["passed"]
 
 
+def test_an_output_may_carry_its_own_tolerance(tiny_ckpt: Path) -> None:
+    """The sample head's p (see SampleHead.validation_tolerances): 2.7e-6 off a max of 0.025 fails the default
+    1e-4 of max |reference| and passes p's own 1e-3; integer ids stay exact whatever the tolerances."""
+    import numpy as np
+
+    from llada_edge.components import Registry
+    from llada_edge.config import ModelConfig
+    from llada_edge.export.validate import compare
+
+    reference = {"x0": np.array([3, 7]), "p": np.array([0.025, 0.01], np.float32)}
+    actual = {"x0": np.array([3, 7]), "p": np.array([0.025 + 2.7e-6, 0.01], np.float32)}
+    assert not compare(reference, actual)["p"]["passed"]
+    tolerances = Registry(ModelConfig.from_folder(tiny_ckpt))["head_text_sample"].validation_tolerances
+    stats = compare(reference, actual, tolerances)
+    assert stats["p"]["passed"] and stats["p"]["max_rel"] == pytest.approx(2.7e-6 / 0.025, rel=1e-2)
+    assert not compare(reference, {**actual, "x0": np.array([3, 8])}, tolerances)["x0"]["passed"]
+
+
+def test_failed_validation_is_never_up_to_date(tiny_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """A graph that failed its validation is exported and judged again on the next run (exit 1 each time), never
+    skipped as up to date; once it passes (here: the tolerance restored) it is kept."""
+    from llada_edge.export import validate
+
+    out = tmp_path / "b"
+    monkeypatch.setattr(validate, "RELATIVE_TOLERANCE", 1e-12)  # sigvq's fp32 graph differs by ~1e-7
+    for _ in range(2):
+        log: list[str] = []
+        with pytest.raises(build_module.ValidationFailed, match="sigvq"):
+            export_build(tiny_ckpt, out, ["sigvq"], progress=log.append)
+        assert log[-1].endswith("FAILED")
+    monkeypatch.undo()
+    export_build(tiny_ckpt, out, ["sigvq"], progress=lambda _m: None)
+    log = []
+    export_build(tiny_ckpt, out, ["sigvq"], progress=log.append)
+    assert log[-1].endswith("sigvq: up to date")
+
+
 def test_export_cli_errors(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "config.json" in capsys.readouterr().err
