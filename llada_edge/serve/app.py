@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from llada_edge.errors import InputError, LladaEdgeError
+from llada_edge.errors import LladaEdgeError
 from llada_edge.runtime.requests import ChatRequest, EditRequest, T2IRequest, UnderstandRequest
 from llada_edge.runtime.requests import Request as PipelineRequest
 from llada_edge.serve.config import ServeConfig
@@ -249,6 +249,12 @@ def create_app(config: ServeConfig, load: Callable[[], Runner] | None = None) ->
         except LladaEdgeError as exc:
             raise _as_api_error(exc)[0] from exc
 
+    def check_output(response_format: str) -> None:
+        """Before any work: a file answer needs the folder the server may write to."""
+        if response_format != "b64_json" and config.output is None:
+            raise ApiError(400, f"response_format {response_format!r} needs a server started with --output-dir",
+                           "invalid_request_error", "response_format")
+
     @app.get("/health")
     async def health() -> JSONResponse:
         return server.health()
@@ -271,10 +277,8 @@ def create_app(config: ServeConfig, load: Callable[[], Runner] | None = None) ->
 
     @app.post("/v1/images/generations")
     async def images_generations(body: ImageGenerationRequest, http: Request) -> dict[str, Any]:
+        check_output(body.response_format)
         request = await prepare(body.to_request)
-        if body.response_format != "b64_json" and config.output is None:
-            raise _as_api_error(InputError("response_format 'path' needs a server started with --output-dir",
-                                           key="response_format"))[0]
         result = await server.run(request, http)
         return await asyncio.to_thread(image_response, result, body.response_format, config)
 
@@ -295,10 +299,8 @@ def create_app(config: ServeConfig, load: Callable[[], Runner] | None = None) ->
             body = ImageEditForm.model_validate(fields)
         except ValidationError as exc:
             raise ApiError(400, _validation_message(exc), "invalid_request_error") from exc
+        check_output(body.response_format)
         request: EditRequest = await prepare(lambda: body.to_request(decode_image_bytes(data, "image")))  # type: ignore[assignment]
-        if body.response_format != "b64_json" and config.output is None:
-            raise _as_api_error(InputError("response_format 'path' needs a server started with --output-dir",
-                                           key="response_format"))[0]
         result = await server.run(request, http)
         return await asyncio.to_thread(image_response, result, body.response_format, config)
 
