@@ -141,7 +141,7 @@ def server(model: str, port: int, extra: list[str], ready: Callable[[], bool]) -
     """``llada-edge serve`` as a subprocess, until ``ready()``; Ctrl-C (SIGINT) at the end."""
     proc = subprocess.Popen([sys.executable, "-m", "llada_edge.cli", "serve", "--model", model, "--port", str(port),
                              "--log-level", "warning", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not ready():
@@ -154,7 +154,8 @@ def server(model: str, port: int, extra: list[str], ready: Callable[[], bool]) -
         try:
             proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # with --ray: Ray's processes too
+            proc.communicate()
 
 
 def healthy(url: str) -> bool:

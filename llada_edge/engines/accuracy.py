@@ -68,8 +68,12 @@ HELD_OUT_SCENES = 6  # captioned scenes per task (understanding, text-to-image)
 #   int4 + expert scales 8/7 too large (bug)      0.918  0.702  1.005  0.9985  0.9993   -      -      -
 #   int4 + expert K blocks reversed (bug)         0.735  0.278  1.055  0.9978  0.9876   -      -      -
 #
-# Reasoning: the bounds sit 0.02-0.05 under each shipped recipe's measurement (other CPUs train slightly other
-# weights: the figures move by about 0.01) and above both planted bugs and the former int4-everywhere recipe, so
+# t2i top-1 over three trainings of the same fingerprint (the backbone's training is not byte-deterministic; the
+# first is the table above): fp8 0.958 / 0.914 / 0.929, int8 0.971 / 0.969 / -, int4 0.924 / 0.893 / 0.895,
+# mixed 0.922 / 0.893 / -. Top-1 overall moved by at most 0.012 (int4 0.969 / 0.963 / 0.957).
+#
+# Reasoning: the bounds sit about 0.02 or more under the lowest measurement of each shipped recipe (t2i, the
+# least stable figure, 0.024 under) and above both planted bugs and the former int4-everywhere recipe, so
 # the report separates a good recipe from a mediocre one, which the random preset could not (its top-1 agreement
 # was 0.49-0.91 for the same recipes). Top-1 agreement carries the separation; t2i top-1 is the most sensitive
 # task (16384-way image head, flatter than text) and gets its own bound; the perplexity ratio bounds what the
@@ -77,18 +81,18 @@ HELD_OUT_SCENES = 6  # captioned scenes per task (understanding, text-to-image)
 # Expert agreement is >= 0.99 everywhere (trained routers are decisive) and bounds rerouting. Generated agreement
 # (32 tokens, compounding) is reported but too coarse to bound.
 THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
-    "fp8": {"top1_agreement": ("min", 0.95), "top1_agreement_t2i": ("min", 0.92), "perplexity_ratio": ("max", 1.01),
+    "fp8": {"top1_agreement": ("min", 0.95), "top1_agreement_t2i": ("min", 0.89), "perplexity_ratio": ("max", 1.01),
             "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999), "tokenizer_id_agreement": ("min", 0.9),
             "dit_velocity_rel_error": ("max", 0.08), "decode_psnr_db": ("min", 26.0)},
     "int8": {"top1_agreement": ("min", 0.97), "top1_agreement_t2i": ("min", 0.94), "perplexity_ratio": ("max", 1.01),
              "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999),
              "tokenizer_id_agreement": ("min", 0.93), "dit_velocity_rel_error": ("max", 0.03),
              "decode_psnr_db": ("min", 35.0)},
-    "int4": {"top1_agreement": ("min", 0.94), "top1_agreement_t2i": ("min", 0.87), "perplexity_ratio": ("max", 1.015),
+    "int4": {"top1_agreement": ("min", 0.94), "top1_agreement_t2i": ("min", 0.86), "perplexity_ratio": ("max", 1.015),
              "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999),
              "tokenizer_id_agreement": ("min", 0.93), "dit_velocity_rel_error": ("max", 0.03),
              "decode_psnr_db": ("min", 35.0)},
-    "mixed": {"top1_agreement": ("min", 0.94), "top1_agreement_t2i": ("min", 0.87),
+    "mixed": {"top1_agreement": ("min", 0.94), "top1_agreement_t2i": ("min", 0.86),
               "perplexity_ratio": ("max", 1.015), "expert_agreement": ("min", 0.99), "logit_cosine": ("min", 0.999),
               "tokenizer_id_agreement": ("min", 0.9), "dit_velocity_rel_error": ("max", 0.08),
               "decode_psnr_db": ("min", 26.0)},

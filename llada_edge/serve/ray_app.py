@@ -117,7 +117,10 @@ def run(config: ServeConfig, ray_options: RayOptions, host: str, port: int) -> N
     started_here = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    # Ctrl-C and SIGTERM both raise KeyboardInterrupt here, set explicitly (as uvicorn does): a process started in
+    # the background by a non-interactive shell inherits SIGINT ignored, and Python then installs no handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(config, ray_options), name=APP_NAME, route_prefix="/", blocking=False)

@@ -51,9 +51,12 @@ def busiest(pids: list[int]) -> int:
 def test_two_replicas_survive_a_killed_one(tiny_build: Path, loopback_port) -> None:
     port = loopback_port()
     url = f"http://127.0.0.1:{port}"
+    # SIGINT ignored, as in a background job of a non-interactive shell (CI): `serve --ray` must still stop on it.
+    # Its own session, so that a failure can take down every process it started.
     server = subprocess.Popen([sys.executable, "-m", "llada_edge.cli", "serve", "--ray", "--replicas", "2",
                                "--model", str(tiny_build), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         wait_until(lambda: healthy(url) and len(replica_pids()) == 2, 180, "two replicas ready")
         before = replica_pids()
@@ -79,7 +82,11 @@ def test_two_replicas_survive_a_killed_one(tiny_build: Path, loopback_port) -> N
         wait_until(lambda: len(replica_pids()) == 2 and victim not in replica_pids(), 120, "a replacement")
     finally:
         server.send_signal(signal.SIGINT)
-        output, _ = server.communicate(timeout=120)
+        try:
+            output, _ = server.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)  # Ray's processes too: nothing left for the next test
+            output = f"still running 120 s after SIGINT: {server.communicate()[0][-3000:]}"
     assert server.returncode == 0, output
     assert replica_pids() == [], "Ctrl-C leaves no replica behind"
 
