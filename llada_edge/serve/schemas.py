@@ -111,6 +111,8 @@ def parse_size(size: str | None) -> dict[str, Any]:
     width, sep, height = size.lower().partition("x")
     if not sep or not width.isdigit() or not height.isdigit():
         raise InputError(f"size must be 'WIDTHxHEIGHT' in pixels (e.g. '1024x1024'), got {size!r}", key="size")
+    if int(width) % 32 or int(height) % 32 or not int(width) or not int(height):  # said in the body's own order
+        raise InputError(f"size {size!r}: width and height must be positive multiples of 32", key="size")
     return {"width": int(width), "height": int(height)}
 
 
