@@ -171,14 +171,18 @@ def _extras(result: Any) -> dict[str, Any]:
     return {"timings": result.timings, "forward_passes": result.forward_passes, "steps": result.steps}
 
 
+def _usage(result: Any) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.tokens),
+            "total_tokens": result.prompt_tokens + len(result.tokens)}
+
+
 def chat_response(result: Any, model: str) -> dict[str, Any]:
     finish = "stop" if result.stop_token is not None else "length"
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.tokens),
-                  "total_tokens": result.prompt_tokens + len(result.tokens)},
+        "usage": _usage(result),
         "llada_edge": _extras(result),
     }
 
@@ -187,6 +191,7 @@ def image_response(result: Any, response_format: str, config: ServeConfig) -> di
     if response_format == "b64_json":
         item: dict[str, Any] = {"b64_json": encode_png(result.image)}
     else:
+        assert config.output is not None  # check_output refused the request before it ran
         path = write_output(result.image, config.output)
         item = {"url": path.as_uri(), "path": str(path)}
     extras = {**_extras(result), "grid": list(result.grid), "size": list(result.image.size)}
@@ -355,8 +360,7 @@ def _stream_chat(server: Server, request: PipelineRequest, http: Request) -> Str
             finished = True
             reason = "stop" if result.stop_token is not None else "length"
             yield _sse(_chunk(ident, model, {"content": result.text}))
-            usage = chat_response(result, model)["usage"]
-            yield _sse(_chunk(ident, model, {}, reason, usage=usage, llada_edge=_extras(result)))
+            yield _sse(_chunk(ident, model, {}, reason, usage=_usage(result), llada_edge=_extras(result)))
             yield _sse("[DONE]")
         finally:
             if not finished:  # the client went away mid-stream

@@ -68,10 +68,8 @@ def read_image_url(url: str, readable: Sequence[Path], what: str) -> Image.Image
     return load_image(path)
 
 
-def write_output(image: Image.Image, folder: Path | None) -> Path:
+def write_output(image: Image.Image, folder: Path) -> Path:
     """Save a generated image under ``folder`` with a fresh name (atomically); the request picks no name."""
-    if folder is None:
-        raise InputError("response_format 'path' needs a server started with --output-dir", key="response_format")
     return save_image(image, folder / f"{uuid.uuid4().hex}.png")
 
 
