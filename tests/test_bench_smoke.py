@@ -28,3 +28,38 @@ def test_bench_smoke_writes_a_complete_report(tiny_build: Path, tiny_ckpt: Path,
         assert {"backbone", "dit", "vae", "total"} <= set(row["t2i_stages_ms"])
     assert (out / "bench.md").read_text().startswith("# llada-edge latency benchmark")
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_gpu_check_without_cuda_exits_0_with_a_note(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines run the real check
+        return
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().count("\n") == 0 and "no CUDA device" in res.stdout
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["cuda"] is False
+
+
+def test_gpu_check_in_miniature_on_the_cpu(tmp_path: Path) -> None:
+    """The device script's own code, end to end on the tiny preset: every section runs and reports."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out),
+                          "--device", "cpu", "--preset", "tiny", "--layers", "2", "--short-layers", "1",
+                          "--context", "64", "--steps", "2", "--rows", "1", "2", "--workdir", str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["failed_checks"] == []
+    assert report["replay_vs_eager"]["tokens_generated"] == 64
+    for scaling in ("token", "tensor"):
+        assert 0.9 < report["fp8_vs_bf16"][scaling]["logit_cosine"] <= 1.0
+    latency = report["step_latency"]
+    assert latency["layers"] == [1, 2] and set(latency["variants"]) == {"upstream_eager", "eager"}
+    for per_rows in latency["variants"].values():
+        for tokens in ("32", "64"):
+            row = per_rows[tokens]
+            assert row["2_layers"]["median_ms"] > 0 and math.isfinite(row["extrapolated_20_layers_ms"])
+    assert "eager_backbone_s" in report["t2i_1024"]
+    assert (out / "gpu_check.md").read_text().startswith("# gpu_check: cpu")

@@ -71,6 +71,9 @@ Progress = Callable[[str], None]
 Sample = dict[str, np.ndarray]
 
 
+HEADS_UNFUSED = "the recording backend captures the heads' inputs through head_text/head_image only"
+
+
 class RecordingBackend:
     """The torch reference backend, recording the inputs of every exported graph as the requests run.
 
@@ -87,6 +90,7 @@ class RecordingBackend:
         self.inner = backend
         self.config = backend.config
         self.fused_head_kinds: tuple[str, ...] = ()  # the heads' hidden states are what gets recorded
+        self.fused_step_kinds: tuple[str, ...] = ()
         self.provides_key_importance = backend.provides_key_importance
         self.registry = Registry(backend.config)
         self.stride = stride
@@ -192,7 +196,11 @@ class RecordingBackend:
         return self.inner.head_image(hidden)
 
     def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise InputError("the recording backend captures the heads' inputs through head_text/head_image only")
+        raise InputError(HEADS_UNFUSED)
+
+    def forward_sample(self, kind: str, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray,
+                       row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise InputError(HEADS_UNFUSED)
 
     def require(self, components: Sequence[str], task: str) -> None:
         self.inner.require(components, task)

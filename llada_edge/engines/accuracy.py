@@ -193,8 +193,9 @@ class _Tally:
         return float(np.mean(self.values[name]))
 
 
-def _teacher_forced(ref: Pipeline, quant: Pipeline, evaluation: RequestSet) -> dict[str, float]:
-    """Both sides see the same partially masked held-out sequences (mask ratios :data:`MASK_RATIOS`)."""
+def teacher_forced_agreement(ref: Pipeline, quant: Pipeline, evaluation: RequestSet) -> dict[str, float]:
+    """Both sides see the same partially masked held-out sequences (mask ratios :data:`MASK_RATIOS`); any two
+    pipelines (ONNX Runtime engines against fp32 graphs here, the torch backend FP8 against bf16 in its tests)."""
     rng = np.random.default_rng(0)
     mask = ref.config.backbone.mask_token_id
     probes = [install_probes(p.backend) if isinstance(p.backend, OnnxRuntimeBackend) else {} for p in (ref, quant)]
@@ -309,7 +310,7 @@ def accuracy_report(build_dir: str | Path, precision: str, progress: Progress = 
     ref = Pipeline(OnnxRuntimeBackend(build_dir, "fp32"), tokenizer)
     quant = Pipeline(OnnxRuntimeBackend(build_dir, precision, graphs=graphs), tokenizer)
     progress(f"{name}: teacher-forced logits ...")
-    metrics = _teacher_forced(ref, quant, evaluation)
+    metrics = teacher_forced_agreement(ref, quant, evaluation)
     progress(f"{name}: generation ...")
     metrics.update(_generation(ref, quant, evaluation))
     progress(f"{name}: tokenizer, decoder ...")

@@ -20,15 +20,18 @@ from torch import nn
 
 from llada_edge.config import BLOCK_SIZE, BackboneConfig
 from llada_edge.model.common import RMSNorm
+from llada_edge.model.fp8 import Fp8Linear, quantize_rows
+from llada_edge.model.sparse_moe import SPARSE_LOWERINGS, StackedExperts, sparse_experts, swiglu_interleaved
 
 # ----------------------------------------------------------------------------------------------
 # Partial rotate-half RoPE
 # ----------------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(cfg: BackboneConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: BackboneConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Made where it is used: a host-to-device copy inside a step would break CUDA-graph capture."""
     rot = cfg.rotary_dim
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.int64, device=device).float() / rot))
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -205,6 +208,8 @@ class MoE(nn.Module):
       the routing stays in plain fp32 ONNX and reaches the op as router logits that are log(weight) on
       the chosen experts and -1e9 elsewhere, so the op's softmax + top-k return exactly those weights.
       Call :meth:`pack_for_ort` first (it moves the expert weights into the stacked layout).
+    * ``grouped`` / ``padded``: sparse with static shapes, for the torch backend's CUDA graphs
+      (:mod:`llada_edge.model.sparse_moe`); they run on the stacked layout too (:meth:`stack_experts`).
     """
 
     def __init__(self, cfg: BackboneConfig) -> None:
@@ -217,29 +222,44 @@ class MoE(nn.Module):
         self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
         self.impl = "loop"
-        self.ort_fc1: torch.Tensor | None = None  # [E, 2F, D], rows gate_0, up_0, gate_1, up_1, ...
-        self.ort_fc2: torch.Tensor | None = None  # [E, D, F]
+        self.stacked: StackedExperts | None = None  # set by stack_experts(): the ort and sparse lowerings' layout
 
     def _expert(self, e: int) -> GatedMLP:
         expert = self.experts[e]
-        if not isinstance(expert, GatedMLP):  # an nn.Identity left by pack_for_ort
-            raise RuntimeError("the expert weights are already packed (pack_for_ort() ran before)")
+        if not isinstance(expert, GatedMLP):  # an nn.Identity left by stack_experts
+            raise RuntimeError("the expert weights are already stacked (stack_experts() ran before)")
         return expert
 
-    def pack_for_ort(self) -> None:
-        """Stack the expert weights into the ORT MoE layout, freeing each expert as it is copied."""
+    def stack_experts(self) -> StackedExperts:
+        """Stack the expert weights (fc1 [E, 2F, D] with gate and up rows interleaved, fc2 [E, D, F]: ONNX
+        Runtime's MoE layout, also the grouped GEMMs' operand), freeing each expert as it is copied."""
+        if self.stacked is not None:
+            return self.stacked
         first = self._expert(0)
         f, d = first.gate_proj.weight.shape
         w = first.gate_proj.weight
-        self.ort_fc1 = torch.empty(self.num_experts, 2 * f, d, dtype=w.dtype, device=w.device)
-        self.ort_fc2 = torch.empty(self.num_experts, d, f, dtype=w.dtype, device=w.device)
+        fc1 = torch.empty(self.num_experts, 2 * f, d, dtype=w.dtype, device=w.device)
+        fc2 = torch.empty(self.num_experts, d, f, dtype=w.dtype, device=w.device)
         for e in range(self.num_experts):
             expert = self._expert(e)
-            self.ort_fc1[e, 0::2] = expert.gate_proj.weight
-            self.ort_fc1[e, 1::2] = expert.up_proj.weight
-            self.ort_fc2[e] = expert.down_proj.weight
+            fc1[e, 0::2] = expert.gate_proj.weight
+            fc1[e, 1::2] = expert.up_proj.weight
+            fc2[e] = expert.down_proj.weight
             self.experts[e] = nn.Identity()  # release the per-expert copy
+        self.stacked = StackedExperts(fc1, fc2)
+        return self.stacked
+
+    def pack_for_ort(self) -> None:
+        """Stack the expert weights into the ORT MoE layout and use the ``ort`` lowering."""
+        self.stack_experts()
         self.impl = "ort"
+
+    def experts_to_fp8(self, activation_scaling: str) -> None:
+        """Routed experts as e4m3 with per-row scales (the grouped lowering runs them)."""
+        s = self.stack_experts()
+        if not s.fp8:
+            (s.fc1, s.fc1_scale), (s.fc2, s.fc2_scale) = quantize_rows(s.fc1), quantize_rows(s.fc2)
+        s.activation_scaling = activation_scaling
 
     def routed_loop(self, flat: torch.Tensor) -> torch.Tensor:
         weights, idx = self.gate(flat)
@@ -258,29 +278,37 @@ class MoE(nn.Module):
         outs = torch.stack([expert(flat).float() for expert in self.experts], dim=-1)  # [N, D, E]
         return torch.matmul(outs, combine.unsqueeze(-1)).squeeze(-1)
 
+    def _stacked(self, lowering: str) -> StackedExperts:
+        if self.stacked is None:
+            raise RuntimeError(f"call stack_experts() (or pack_for_ort()) before using the {lowering} lowering")
+        return self.stacked
+
     def routed_ort(self, flat: torch.Tensor) -> torch.Tensor:
-        if self.ort_fc1 is None or self.ort_fc2 is None:
-            raise RuntimeError("call pack_for_ort() before using the ort lowering")
+        stacked = self._stacked("ort")
         scaling = self.gate.scaling
         combine = self.combine(flat) / scaling  # renormalised weights, summing to 1 per token
         if not torch.onnx.is_in_onnx_export():  # eager twin of the op: same weights, same experts
             x = flat.float()
-            h = torch.einsum("nd,efd->enf", x, self.ort_fc1.float())
-            act = F.silu(h[..., 0::2]) * h[..., 1::2]
-            y = torch.einsum("enf,edf->end", act, self.ort_fc2.float())
+            h = torch.einsum("nd,efd->enf", x, stacked.fc1.float())
+            y = torch.einsum("enf,edf->end", swiglu_interleaved(h), stacked.fc2.float())
             return torch.einsum("end,ne->nd", y, combine) * scaling
         router = torch.where(combine > 0, torch.log(combine.clamp_min(1e-30)), torch.full_like(combine, -1e9))
         out = torch.onnx.ops.symbolic(
-            "com.microsoft::MoE", (flat.float(), router, self.ort_fc1.float(), None, self.ort_fc2.float()),
+            "com.microsoft::MoE", (flat.float(), router, stacked.fc1.float(), None, stacked.fc2.float()),
             {"k": self.top_k, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0,
              "activation_beta": 0.0, "normalize_routing_weights": 0},
             dtype=torch.float32, shape=flat.shape, version=1)
         return out * scaling
 
+    def routed_sparse(self, flat: torch.Tensor) -> torch.Tensor:
+        weights, idx = self.gate(flat)
+        return sparse_experts(self.impl, flat, weights, idx, self._stacked(self.impl))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        routed = {"loop": self.routed_loop, "dense": self.routed_dense, "ort": self.routed_ort}[self.impl]
+        routed = (self.routed_sparse if self.impl in SPARSE_LOWERINGS else
+                  {"loop": self.routed_loop, "dense": self.routed_dense, "ort": self.routed_ort}[self.impl])
         y = routed(flat).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
@@ -356,13 +384,42 @@ class LLaDA2Backbone(nn.Module):
         """The layers, typed (``nn.ModuleList`` items are plain modules to a type checker)."""
         return [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
 
+    def moe_blocks(self) -> list[MoE]:
+        return [layer.mlp for layer in self.decoder_layers() if isinstance(layer.mlp, MoE)]
+
     def set_moe_impl(self, impl: str) -> None:
-        """"loop" (eager) or "dense" (exportable); see :class:`MoE` ("ort" goes through pack_for_ort)."""
-        if impl not in ("loop", "dense"):
-            raise ValueError(f"unknown MoE implementation {impl!r} (expected 'loop' or 'dense')")
-        for layer in self.model.layers:
+        """"loop" (eager), "dense" (exportable), "grouped" or "padded" (static and sparse, for CUDA graphs; they
+        stack the experts, after which loop and dense no longer run); see :class:`MoE` ("ort": pack_for_ort)."""
+        allowed = ("loop", "dense", *SPARSE_LOWERINGS)
+        if impl not in allowed:
+            raise ValueError(f"unknown MoE implementation {impl!r} (expected one of {allowed})")
+        for moe in self.moe_blocks():
+            if impl in SPARSE_LOWERINGS:
+                moe.stack_experts()
+            elif moe.stacked is not None:
+                raise RuntimeError(f"the experts are stacked: the {impl} lowering needs them per expert")
+            moe.impl = impl
+
+    def to_fp8(self, activation_scaling: str = "token") -> None:
+        """Every projection of the layers in FP8 (attention, MLPs, shared and routed experts), in place.
+
+        The router, the LM head, norms and embeddings keep the model dtype (see :mod:`llada_edge.model.fp8`);
+        the routed experts need the grouped lowering (set it first)."""
+        for layer in self.decoder_layers():
+            blocks: list[nn.Module] = [layer.attention]
             if isinstance(layer.mlp, MoE):
-                layer.mlp.impl = impl
+                if layer.mlp.impl != "grouped":
+                    raise RuntimeError("FP8 routed experts run in the grouped MoE lowering: set_moe_impl('grouped') "
+                                       "first")
+                layer.mlp.experts_to_fp8(activation_scaling)
+                if layer.mlp.shared_experts is not None:
+                    blocks.append(layer.mlp.shared_experts)
+            else:
+                blocks.append(layer.mlp)
+            for block in blocks:
+                for name, child in list(block.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(block, name, Fp8Linear(child, activation_scaling))
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -372,7 +429,7 @@ class LLaDA2Backbone(nn.Module):
     def layers_forward(self, h: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
                        past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         # inv_freq is recomputed (a constant under tracing) so meta-device loading needs no buffer fix-up.
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg).to(h.device), h.dtype)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg, h.device), h.dtype)
         new_kv: KVCache = []
         for i, layer in enumerate(self.model.layers):
             pk, pv = past[i] if past is not None else (None, None)

@@ -17,6 +17,8 @@ Calls, in order, for one request::
 
 Optional capabilities are declared here too, so the sampler and the accuracy report never probe for
 methods: ``fused_head_kinds`` (heads with a fused CFG + greedy graph, :meth:`Backend.head_sample`),
+``fused_step_kinds`` (heads that :meth:`Backend.forward_sample` runs in one call with the block step, the
+hidden states never leaving the device),
 ``provides_key_importance`` (attention mass for SPRINT pruning) and :meth:`Backend.hidden_states`.
 
 Implementations (``backends/``, created by :func:`llada_edge.runtime.backends.create_backend`): ``torch``
@@ -42,6 +44,8 @@ class Backend(Protocol):
     config: ModelConfig
     #: Heads ("text", "image") whose fused graph :meth:`head_sample` can run; empty when there are none.
     fused_head_kinds: tuple[str, ...]
+    #: Heads ("text", "image") that :meth:`forward_sample` runs together with the block step; empty when none.
+    fused_step_kinds: tuple[str, ...]
     #: Whether ``forward_block(..., key_importance=True)`` returns attention mass (SPRINT prefix pruning).
     provides_key_importance: bool
 
@@ -61,6 +65,11 @@ class Backend(Protocol):
         With ``key_importance``, also the attention mass the block puts on each cached key, averaged
         over layers, heads and block queries: [B, cache_len] (SPRINT's pruning score).
         """
+
+    def forward_sample(self, kind: str, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray,
+                       row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a kind in ``fused_step_kinds``: :meth:`forward_block` then :meth:`head_sample` in one call, (x0 [T]
+        int64, p [T]); only these 2T numbers come back to the host (one synchronisation per step)."""
 
     def commit(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
         """Run the final tokens of a block and append their K/V to the cache."""

@@ -306,6 +306,10 @@ class BlockDiffusionSampler:
         return (s.fused_head and s.temperature == 0 and not s.cfg_rescale and self.strategy == "low_confidence"
                 and self.head in self.backend.fused_head_kinds)
 
+    def _use_fused_step(self, want_importance: bool) -> bool:
+        """Block step and fused head in one backend call, when the head fuses and no attention scores are wanted."""
+        return not want_importance and self._use_fused_head() and self.head in self.backend.fused_step_kinds
+
     def _timed(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         start = time.perf_counter()
         try:
@@ -318,15 +322,20 @@ class BlockDiffusionSampler:
         """x0, p, confidence for every block position (confidence -inf where not active)."""
         bs = active.shape[0]
         if self._use_fused_head():
-            x0, p = self._timed(self.backend.head_sample, self.head, hidden, np.asarray(row_weights, np.float32))
-            x0, p = x0.astype(np.int64), p.astype(np.float64)
-            return x0, p, np.where(active, p, -np.inf)
+            return self._greedy(*self._timed(self.backend.head_sample, self.head, hidden,
+                                             np.asarray(row_weights, np.float32)), active)
         # Only masked positions are scored: the head output of the others is never used.
         where = np.flatnonzero(active)
         g = guide(self._timed(self._logits, hidden)[:, where], row_weights, self.sampling.cfg_rescale)
         x0, p, conf = np.zeros(bs, np.int64), np.zeros(bs), np.full(bs, -np.inf)
         x0[where], p[where], conf[where] = score_tokens(g, self.sampling.temperature, rng, self.strategy)
         return x0, p, conf
+
+    @staticmethod
+    def _greedy(x0: np.ndarray, p: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A fused head's (x0, p) as x0, p, confidence (-inf where not active)."""
+        p = p.astype(np.float64)
+        return x0.astype(np.int64), p, np.where(active, p, -np.inf)
 
     def generate(self, rows: Rows, gen_length: int, row_weights: Sequence[float] = (1.0,),
                  stop_ids: Sequence[int] = ()) -> GenerationResult:
@@ -377,9 +386,15 @@ class BlockDiffusionSampler:
                     break
                 step_start = time.perf_counter()
                 want_importance = sprint is not None and sprint.prunes and step == sprint.cache_warmup_steps - 1
-                hidden, importance = self._timed(self.backend.forward_block, x[:, lo:hi], pos[:, lo:hi],
-                                                 valid[:, lo:hi], key_importance=want_importance)
-                x0, p, conf = self._score(hidden, active, row_weights, rng)
+                if self._use_fused_step(want_importance):
+                    importance = None
+                    x0, p, conf = self._greedy(*self._timed(
+                        self.backend.forward_sample, self.head, x[:, lo:hi], pos[:, lo:hi], valid[:, lo:hi],
+                        np.asarray(row_weights, np.float32)), active)
+                else:
+                    hidden, importance = self._timed(self.backend.forward_block, x[:, lo:hi], pos[:, lo:hi],
+                                                     valid[:, lo:hi], key_importance=want_importance)
+                    x0, p, conf = self._score(hidden, active, row_weights, rng)
                 if not np.isfinite(p[active]).all():
                     raise InputError(f"the backbone produced non-finite scores (NaN or inf) in block {b}, step "
                                      f"{step}: the checkpoint's weights hold NaN/inf values, or a guidance scale "

@@ -23,6 +23,7 @@ class ScriptedBackend(CacheCounters):
 
     name = "scripted"
     fused_head_kinds: tuple[str, ...] = ()
+    fused_step_kinds: tuple[str, ...] = ()
     provides_key_importance = True
 
     def __init__(self, config: ModelConfig, logits_fn: LogitsFn) -> None:

@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent('''
         """A stand-in engine: deterministic pseudo-random outputs with the protocol's shapes."""
         name = "numpy"
         fused_head_kinds = ()
+        fused_step_kinds = ()
         provides_key_importance = True
 
         def __init__(self):

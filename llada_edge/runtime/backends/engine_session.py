@@ -91,6 +91,7 @@ class EngineSession(CacheCounters, ABC, Generic[StepT]):
     for one (rows, tokens) step shape (:class:`StepBuffers` plus what the backend keeps with them)."""
 
     provides_key_importance = False  # the graphs output no attention scores (SPRINT pruning needs them)
+    fused_step_kinds: tuple[str, ...] = ()  # the head is its own graph: forward_block, then head_sample
     build_dir: Path
     float_dtype: np.dtype[Any] = np.dtype(np.float32)  # hidden states and block K/V: the graphs' float type
 
@@ -217,6 +218,17 @@ class EngineSession(CacheCounters, ABC, Generic[StepT]):
             raise InputError("SPRINT prefix pruning needs attention scores, which the exported graphs do not "
                              "output; use keep ratio 1.0 on this backend, or the torch backend")
         return self._hidden_of(self._forward(ids, positions, valid, prefill=False, use_keep=True)), None
+
+    def forward_sample(self, kind: str, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray,
+                       row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The block step, then the head's own graph (``fused_step_kinds`` is empty: the sampler does not call
+        this, it is here for callers that want one call per step whatever the backend)."""
+        hidden, _ = self.forward_block(ids, positions, valid)
+        return self.head_sample(kind, hidden, row_weights)
+
+    @abstractmethod
+    def head_sample(self, kind: str, hidden: np.ndarray, row_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The fused CFG + greedy head graph (see the Backend protocol)."""
 
     def commit(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> None:
         self._append(self._forward(ids, positions, valid, prefill=False, use_keep=False), valid)
