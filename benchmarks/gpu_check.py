@@ -13,9 +13,11 @@ extrapolated linearly from the two, the numbers of layers are in the JSON):
 * device copy bandwidth (a 1 GiB device-to-device copy): what the floors below assume (4.3 TB/s);
 * per-step latency (median, p90) of a fused block step (backbone + head on the device, x0 and p back) at
   T = 32 x rows (rows 1 / 2 / 3: plain, CFG, edit) over a ``--context``-token cache, for
-  ``upstream_eager`` (bf16, the HF-style Python loop over the chosen experts, cache sliced to its length),
-  ``eager`` (bf16, static shapes, grouped sparse MoE), ``graphs_bf16`` and ``graphs_fp8`` (CUDA graphs of the
-  same, FP8 with per-token activation scales); each against the H200 floors of performance-notes §3.3;
+  ``upstream_eager`` (bf16, HF-style: the Python loop over the chosen experts, the whole prefix recomputed at
+  every step, no cache), ``cached_loop_eager`` (the same loop with a KV cache sliced to its length: the
+  stricter baseline), ``eager`` (bf16, static shapes, grouped sparse MoE), ``graphs_bf16`` and ``graphs_fp8``
+  (CUDA graphs of the same, FP8 with per-token activation scales); each against the H200 floors of
+  performance-notes §3.3;
 * host synchronisations per replayed step (``torch.cuda.set_sync_debug_mode``: the D2H of x0 and p is one);
 * graph replay vs eager: the tokens of a short CFG text-to-image loop, and one step's hidden states;
 * FP8 (per-token and per-tensor activation scales) vs bf16: logit cosine and top-1 agreement on the masked
@@ -52,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, 
 FLOORS_MS = {32: {"bf16": 4.85, "fp8": 2.50}, 64: {"bf16": 6.36, "fp8": 3.19}, 96: {"bf16": 6.98, "fp8": 3.50}}
 FULL_LAYERS = 20
 VARIANTS: dict[str, dict[str, Any]] = {  # name -> TorchBackend keywords (dtype bf16 for all)
-    "upstream_eager": {"moe_impl": "loop"},
+    "upstream_eager": {"moe_impl": "loop", "kv_cache": False},
+    "cached_loop_eager": {"moe_impl": "loop"},
     "eager": {"static_shapes": True},
     "graphs_bf16": {"cuda_graphs": True},
     "graphs_fp8": {"cuda_graphs": True, "fp8": "token"},
@@ -208,17 +211,18 @@ def step_latency(args: argparse.Namespace, variants: list[str], ckpts: dict[int,
                 row["floor_ms"] = floor
                 row["ratio_to_floor"] = row["extrapolated_20_layers_ms"] / floor
     out["speedups"] = speedups(out["variants"])
+    out["speedups_vs_cached_loop"] = speedups(out["variants"], "cached_loop_eager")
     return out
 
 
-def speedups(variants: dict[str, Any]) -> dict[str, float]:
-    """Per tokens per step: each variant's 20-layer step against upstream_eager's."""
-    base = variants.get("upstream_eager", {})
+def speedups(variants: dict[str, Any], baseline: str = "upstream_eager") -> dict[str, float]:
+    """Per tokens per step: each variant's 20-layer step against the baseline's."""
+    base = variants.get(baseline, {})
     result = {}
     for name, per_rows in variants.items():
         for tokens, row in per_rows.items():
             ref = base.get(tokens)
-            if name != "upstream_eager" and isinstance(row, dict) and isinstance(ref, dict) \
+            if name != baseline and isinstance(row, dict) and isinstance(ref, dict) \
                     and "extrapolated_20_layers_ms" in row and "extrapolated_20_layers_ms" in ref:
                 result[f"{name}_T{tokens}"] = ref["extrapolated_20_layers_ms"] / row["extrapolated_20_layers_ms"]
     return result
@@ -326,18 +330,18 @@ def markdown(report: dict[str, Any]) -> str:
     if "variants" in latency:
         lines += [f"Per fused block step (ms), {latency['context']}-token cache, layers {latency['layers']} measured, "
                   f"20 extrapolated; floors from performance-notes §3.3.", "",
-                  "| variant | T | median | p90 | 20 layers | floor | x floor | vs upstream |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| variant | T | median | p90 | 20 layers | floor | x floor | vs upstream | vs cached loop |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, per_rows in latency["variants"].items():
             for tokens, row in per_rows.items():
                 if not isinstance(row, dict) or "per_layer_ms" not in row:
                     continue
                 measured = row[f"{max(latency['layers'])}_layers"]
-                speedup = latency["speedups"].get(f"{name}_T{tokens}")
+                ratios = [latency[key].get(f"{name}_T{tokens}") for key in ("speedups", "speedups_vs_cached_loop")]
                 lines.append(f"| {name} | {tokens} | {measured['median_ms']:.2f} | {measured['p90_ms']:.2f} | "
                              f"{row['extrapolated_20_layers_ms']:.2f} | {row.get('floor_ms', '-')} | "
                              f"{row.get('ratio_to_floor', float('nan')):.2f} | "
-                             f"{'-' if speedup is None else f'{speedup:.2f}x'} |")
+                             + " | ".join("-" if r is None else f"{r:.2f}x" for r in ratios) + " |")
     lines += ["", "```json", json.dumps({k: v for k, v in report.items() if k != "step_latency"}, indent=1)[:6000],
               "```", ""]
     return "\n".join(lines)

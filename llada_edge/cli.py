@@ -138,7 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.task in ("t2i", "edit"):
         output_format(out)  # and an output that cannot be written fails before the generation, not after
     pipe = Pipeline.load(args.model, backend=args.backend, progress=None if args.quiet else stderr_progress,
-                         options=BackendOptions(args.precision, args.device, args.dtype))
+                         options=BackendOptions(args.precision, args.device, args.dtype,
+                                                cuda_graphs=args.cuda_graphs, fp8=args.fp8))
     result = pipe.run(request)
     outputs: list[str] = []
     if isinstance(result, ImageResult):
@@ -524,6 +525,12 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=BackendOptions.device, help="torch backend: cpu or cuda")
     p.add_argument("--dtype", default=BackendOptions.dtype, choices=("float32", "bfloat16"),
                    help="torch backend dtype")
+    p.add_argument("--cuda-graphs", action="store_true", help="torch backend on --device cuda: one CUDA graph per "
+                   "step shape, static shapes and the sparse grouped MoE (not run on a GPU by this project yet; "
+                   "benchmarks/gpu_check.py checks it)")
+    p.add_argument("--fp8", choices=("token", "tensor"), help="torch backend: FP8 e4m3 projections with per-channel "
+                   "weight scales and per-token or per-tensor activation scales (CUDA compute capability >= 8.9, "
+                   "or the CPU, slowly)")
     p.add_argument("--precision", default=BackendOptions.precision, help="onnxruntime/tensorrt backends: which "
                    "engines of the build (fp32, fp8, int8, int4, mixed; see `llada-edge build`)")
     p.add_argument("--image", help="input image (understand, edit)")

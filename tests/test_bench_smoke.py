@@ -56,7 +56,7 @@ def test_gpu_check_in_miniature_on_the_cpu(tmp_path: Path) -> None:
     for scaling in ("token", "tensor"):
         assert 0.9 < report["fp8_vs_bf16"][scaling]["logit_cosine"] <= 1.0
     latency = report["step_latency"]
-    assert latency["layers"] == [1, 2] and set(latency["variants"]) == {"upstream_eager", "eager"}
+    assert latency["layers"] == [1, 2] and set(latency["variants"]) == {"upstream_eager", "cached_loop_eager", "eager"}
     for per_rows in latency["variants"].values():
         for tokens in ("32", "64"):
             row = per_rows[tokens]

@@ -29,10 +29,12 @@ class BackendOptions:
     device: str = "cpu"  # torch
     dtype: str = "float32"  # torch
     threads: int | None = None  # onnxruntime: intra-op threads per session (None: ONNX Runtime's, one per core)
+    cuda_graphs: bool = False  # torch: one CUDA graph per step shape (static shapes, sparse grouped MoE)
+    fp8: str | None = None  # torch: FP8 projections with "token" or "tensor" activation scales
 
     def for_backend(self, name: str) -> dict[str, Any]:
         if name == "torch":
-            return {"device": self.device, "dtype": self.dtype}
+            return {"device": self.device, "dtype": self.dtype, "cuda_graphs": self.cuda_graphs, "fp8": self.fp8}
         if name == "onnxruntime" and self.threads:
             return {"precision": self.precision, "threads": self.threads}
         return {"precision": self.precision}
