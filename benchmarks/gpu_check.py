@@ -86,14 +86,16 @@ def checkpoint(args: argparse.Namespace, layers: int) -> Path:
     return path
 
 
-def section(report: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
-    """Run one part of the check; its result (or its error) goes into the report under ``name``."""
+def section(report: dict[str, Any], out: Path, name: str, fn: Callable[[], Any]) -> Any:
+    """Run one part of the check; its result (or its error) goes into the report under ``name``, and the report
+    so far is written at once (a run killed at its time limit still leaves every finished section)."""
     start = time.perf_counter()
     try:
         report[name] = fn()
-    except Exception as exc:
+    except Exception as exc:  # a device run must bring back everything it can
         report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
     print(f"[{time.perf_counter() - start:6.1f} s] {name}", flush=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     return report[name]
 
 
@@ -108,10 +110,10 @@ def open_backend(ckpt: Path, device: str, **kwargs: Any) -> Any:
     return backend
 
 
-def release(backend: Any) -> None:
+def release() -> None:
+    """Free the GPU memory of backends the caller has dropped (``del`` its names first)."""
     import torch
 
-    del backend
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -188,7 +190,8 @@ def step_latency(args: argparse.Namespace, variants: list[str], ckpts: dict[int,
                     per_rows.setdefault(str(32 * rows), {})[f"{layers}_layers"] = time_steps(
                         backend, rows, args.context, args.steps)
                 fallbacks = list(backend.graph_fallbacks)
-                release(backend)
+                del backend
+                release()
             except Exception as exc:
                 per_rows["error"] = f"{type(exc).__name__}: {exc}"
                 break
@@ -245,7 +248,8 @@ def syncs_per_step(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     messages = sorted({str(w.message).splitlines()[0] for w in caught})
-    release(backend)
+    del backend
+    release()
     return {"syncs_per_step": len(caught) / 5, "kinds": messages}
 
 
@@ -270,7 +274,8 @@ def replay_equals_eager(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
         for _ in range(2):  # the second call replays the captured block step
             hidden[name] = backend.forward_block(block, pos, valid)[0]
         result[f"{name}_graph_fallbacks"] = list(backend.graph_fallbacks)
-        release(backend)
+        del backend, sampler
+        release()
     if "graphs_bf16" in tokens:
         result["same_tokens"] = tokens["eager"] == tokens["graphs_bf16"]
         result["max_abs_hidden"] = float(np.abs(hidden["eager"] - hidden["graphs_bf16"]).max())
@@ -283,13 +288,15 @@ def fp8_agreement(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
     ref = open_backend(ckpt, args.device, static_shapes=True)
     block, pos, valid = start_with_context(ref, 2, args.context)
     base = ref.head_image(ref.forward_block(block, pos, valid)[0]).reshape(-1, ref.config.backbone.num_image_tokens)
-    release(ref)
+    del ref
+    release()
     result = {}
     for scaling in ("token", "tensor"):
         fp8 = open_backend(ckpt, args.device, static_shapes=True, fp8=scaling)
         block, pos, valid = start_with_context(fp8, 2, args.context)
         logits = fp8.head_image(fp8.forward_block(block, pos, valid)[0]).reshape(base.shape)
-        release(fp8)
+        del fp8
+        release()
         a, b = base.astype(np.float64), logits.astype(np.float64)
         cosine = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
         result[scaling] = {"logit_cosine": float(cosine.mean()),
@@ -315,6 +322,8 @@ def verdict(report: dict[str, Any]) -> list[str]:
     replay = report.get("replay_vs_eager", {})
     if replay.get("same_tokens") is False:
         failed.append("graph replay gave other tokens than eager")
+    if replay.get("graphs_bf16_graph_fallbacks"):  # then "same tokens" compared eager with eager
+        failed.append(f"replay check fell back to eager: {replay['graphs_bf16_graph_fallbacks'][0]}")
     for name, per_rows in report.get("step_latency", {}).get("variants", {}).items():
         if "error" in per_rows or per_rows.get("graph_fallbacks"):
             failed.append(f"{name}: {per_rows.get('error') or per_rows['graph_fallbacks'][0]}")
@@ -325,7 +334,7 @@ def verdict(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
-    lines = [f"# gpu_check: {env.get('name', env['device'])}, torch {env['torch']}", ""]
+    lines = [f"# gpu_check: {env.get('name', env.get('device', '?'))}, torch {env.get('torch', '?')}", ""]
     latency = report.get("step_latency", {})
     if "variants" in latency:
         lines += [f"Per fused block step (ms), {latency['context']}-token cache, layers {latency['layers']} measured, "
@@ -359,18 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     report: dict[str, Any] = {"cuda": args.device == "cuda"}
-    section(report, "environment", lambda: environment(args.device))
+    section(report, args.out, "environment", lambda: environment(args.device))
     ckpts = {n: checkpoint(args, n) for n in sorted({args.layers, args.short_layers})}
     main_ckpt = ckpts[args.layers]
     fp8_ok = args.device != "cuda" or torch.cuda.get_device_capability(0) >= (8, 9)
     variants = [v for v in VARIANTS if (args.device == "cuda" or v not in GRAPH_VARIANTS)
                 and (fp8_ok or not v.endswith("fp8"))]
-    section(report, "replay_vs_eager", lambda: replay_equals_eager(args, main_ckpt))
+    section(report, args.out, "replay_vs_eager", lambda: replay_equals_eager(args, main_ckpt))
     if args.device == "cuda":
-        section(report, "host_syncs", lambda: syncs_per_step(args, main_ckpt))
+        section(report, args.out, "host_syncs", lambda: syncs_per_step(args, main_ckpt))
     if fp8_ok:
-        section(report, "fp8_vs_bf16", lambda: fp8_agreement(args, main_ckpt))
-    latency = section(report, "step_latency", lambda: step_latency(args, variants, ckpts))
+        section(report, args.out, "fp8_vs_bf16", lambda: fp8_agreement(args, main_ckpt))
+    latency = section(report, args.out, "step_latency", lambda: step_latency(args, variants, ckpts))
     report["t2i_1024"] = t2i_estimate(latency if isinstance(latency, dict) else {})
     report["failed_checks"] = verdict(report)
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -14,8 +14,11 @@ import pytest
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from llada_edge.model import load_backbone
+from llada_edge.model.backbone import guided_greedy
 from llada_edge.model.fp8 import Fp8Linear, quantize_activations, quantize_rows
 from llada_edge.model.sparse_moe import group_by_expert, grouped_linear
 
@@ -68,6 +71,40 @@ def test_static_lowerings_have_no_data_dependent_shapes(tiny_ckpt: Path, lowerin
         assert h.shape == (2, 32, backbone.cfg.hidden_size) and len(kv) == backbone.cfg.num_hidden_layers
 
 
+class _HostTensors(TorchDispatchMode):
+    """Records every op that receives a CPU tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat, _ = tree_flatten((args, kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in flat):
+            self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_device_step_makes_no_host_tensor(tiny_ckpt: Path) -> None:
+    """A block step plus the fused head with everything on the meta device: no op may see a CPU tensor (a CPU
+    scalar made inside the step is a host-to-device copy on a GPU, which CUDA-graph capture refuses)."""
+    backbone = load_backbone(tiny_ckpt, torch.bfloat16)
+    backbone.set_moe_impl("grouped")
+    backbone.to("meta")
+    for moe in backbone.moe_blocks():
+        assert moe.stacked is not None
+        moe.stacked.fc1, moe.stacked.fc2 = moe.stacked.fc1.to("meta"), moe.stacked.fc2.to("meta")
+    ids, positions, past, key_mask = (t.to("meta") if isinstance(t, torch.Tensor) else t
+                                      for t in _block(backbone))
+    past = [(k.to("meta"), v.to("meta")) for k, v in past]
+    host = _HostTensors()
+    with torch.inference_mode(), host:
+        h, _ = backbone.forward_block(ids, positions, past, key_mask)
+        x0, _p = guided_greedy(backbone.image_logits(h), torch.ones(2, device="meta"))
+    assert x0.shape == (32,) and x0.device.type == "meta"
+    assert host.ops == set()
+
+
 def test_the_loop_lowering_is_caught_by_the_same_check(tiny_ckpt: Path) -> None:
     """The control: the upstream loop asks the host which experts were chosen, which the fake run refuses."""
     backbone = load_backbone(tiny_ckpt, torch.bfloat16)
@@ -79,15 +116,15 @@ def test_grouped_gemms_meet_the_cuda_kernels_checks() -> None:
     """Fake CUDA tensors run the CUDA meta kernels of _grouped_mm (bf16) and _scaled_grouped_mm (FP8) on the
     operands the grouped lowering passes them: the layouts, dtypes and scale shapes those kernels accept."""
     with FakeTensorMode():
-        idx = torch.randint(0, 16, (64, 8), device="cuda")
-        groups = group_by_expert(idx, 16)
-        rows = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
         fc1 = torch.randn(16, 128, 256, device="cuda", dtype=torch.bfloat16)  # [E, out, in], as stacked
-        assert grouped_linear(rows, fc1, None, groups, "token").shape == (512, 128)
         q, scale = quantize_rows(fc1)
-        for scaling in ("token", "tensor"):
-            out = grouped_linear(rows, q, scale, groups, scaling)
-            assert out.shape == (512, 128) and out.dtype == torch.bfloat16
+        for tokens in (64, 2):  # 2 tokens x 8 = 16 pairs: as many row scales as experts, the ambiguous case
+            groups = group_by_expert(torch.randint(0, 16, (tokens, 8), device="cuda"), 16)
+            rows = torch.randn(tokens * 8, 256, device="cuda", dtype=torch.bfloat16)
+            assert grouped_linear(rows, fc1, None, groups, "token").shape == (tokens * 8, 128)
+            for scaling in ("token", "tensor"):
+                out = grouped_linear(rows, q, scale, groups, scaling)
+                assert out.shape == (tokens * 8, 128) and out.dtype == torch.bfloat16
 
 
 def test_fp8_linear_is_the_scaled_product() -> None:

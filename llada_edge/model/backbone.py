@@ -59,10 +59,11 @@ def mask_to_bias(allowed: torch.Tensor) -> torch.Tensor:
     """Boolean "may attend" mask -> additive fp32 bias.
 
     A finite minimum instead of -inf: a query row with no allowed key (a CFG pad row) then gets
-    uniform weights instead of NaN, and NaN cannot leak into real rows through 0 * NaN.
+    uniform weights instead of NaN, and NaN cannot leak into real rows through 0 * NaN. Both values are made
+    on the mask's device: a CPU scalar would be copied to the GPU inside the step, which breaks CUDA-graph capture.
     """
-    zero = torch.zeros((), dtype=torch.float32)
-    return torch.where(allowed, zero, torch.tensor(torch.finfo(torch.float32).min))
+    zero = torch.zeros((), dtype=torch.float32, device=allowed.device)
+    return torch.where(allowed, zero, torch.full((), torch.finfo(torch.float32).min, device=allowed.device))
 
 
 class Attention(nn.Module):

@@ -87,8 +87,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=groups.offsets)
     xq, xs = quantize_activations(x, activation_scaling)
     if x.is_cuda:  # Hopper-class kernels: fp8 operands, rowwise scales applied to the fp32 accumulator
-        return torch._scaled_grouped_mm(xq, weight.transpose(1, 2), xs.squeeze(1), scale, offs=groups.offsets,
-                                        out_dtype=x.dtype)
+        rows = x.shape[0]
+        if rows == weight.shape[0]:
+            # One scale per row would then have as many entries as there are groups, which newer torch versions
+            # refuse as ambiguous (tensor-wise or row-wise?): one extra zero row, outside every group, lifts it.
+            xq = torch.cat([xq, torch.zeros_like(xq.narrow(0, 0, 1))])
+            xs = torch.cat([xs, torch.ones_like(xs.narrow(0, 0, 1))])
+        out = torch._scaled_grouped_mm(xq, weight.transpose(1, 2), xs.squeeze(1), scale, offs=groups.offsets,
+                                       out_dtype=x.dtype)
+        return out.narrow(0, 0, rows)
     # The CPU has no FP8 grouped kernel: the same math in fp32 (fp8 values are exact in fp32; the CUDA
     # grouped GEMM takes bf16 only, so this emulation is for the CPU).
     acc = torch._grouped_mm(xq.float(), weight.float().transpose(1, 2), offs=groups.offsets)

@@ -71,6 +71,9 @@ def test_backend_options_are_checked(tiny_ckpt: Path) -> None:
         with pytest.raises(InputError, match=message):
             TorchBackend(tiny_ckpt, **kwargs)
     assert TorchBackend(tiny_ckpt, fp8="token").moe_impl == "grouped"
+    # CUDA's grouped GEMM is bf16-only (torch's fp32 fallback reads the offsets on the host): fp32 gets padded
+    assert TorchBackend._pick_moe(None, True, None, cuda_fp32=True) == "padded"
+    assert TorchBackend._pick_moe(None, True, None, cuda_fp32=False) == "grouped"
 
 
 def test_cuda_graphs_need_a_cuda_device(tiny_ckpt: Path) -> None:

@@ -97,12 +97,15 @@ class TorchBackend(CacheCounters):
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.static_shapes = static_shapes or cuda_graphs
-        self.moe_impl = self._pick_moe(moe_impl, self.static_shapes, fp8)
+        self.moe_impl = self._pick_moe(moe_impl, self.static_shapes, fp8, self.device.type == "cuda"
+                                       and self.dtype == torch.float32)
         if fp8 is not None and fp8 not in ACTIVATION_SCALINGS:
             raise InputError(f"unknown FP8 activation scaling {fp8!r} (expected one of {list(ACTIVATION_SCALINGS)})")
         if fp8 is not None and not fp8_supported(self.device):
             raise InputError(f"FP8 GEMMs need compute capability >= 8.9; {self.device} has "
                              f"{torch.cuda.get_device_capability(self.device)}")
+        if fp8 is not None and self.device.type == "cuda" and self.dtype != torch.bfloat16:
+            raise InputError("FP8 on CUDA needs --dtype bfloat16 (the FP8 kernels write bf16)")
         self.fp8 = fp8
         self._backbone: LLaDA2Backbone | None = None
         self._components: dict[str, torch.nn.Module] = {}
@@ -122,10 +125,13 @@ class TorchBackend(CacheCounters):
         self._history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # kv_cache=False only
 
     @staticmethod
-    def _pick_moe(moe_impl: str | None, static_shapes: bool, fp8: str | None) -> str:
-        """The MoE lowering: asked for, else ``grouped`` where shapes must be static or experts are FP8."""
+    def _pick_moe(moe_impl: str | None, static_shapes: bool, fp8: str | None, cuda_fp32: bool) -> str:
+        """The MoE lowering: asked for, else ``grouped`` where shapes must be static or experts are FP8 (``padded``
+        for fp32 on CUDA, whose grouped GEMM exists for bf16 only: torch's fp32 fallback reads offsets on the host)."""
         if moe_impl is None:
-            return "grouped" if static_shapes or fp8 else "loop"
+            if not (static_shapes or fp8):
+                return "loop"
+            return "padded" if cuda_fp32 and not fp8 else "grouped"
         if moe_impl not in MOE_LOWERINGS:
             raise InputError(f"unknown MoE lowering {moe_impl!r} (expected one of {list(MOE_LOWERINGS)})")
         if static_shapes and moe_impl not in STATIC_MOE_LOWERINGS:
@@ -169,7 +175,9 @@ class TorchBackend(CacheCounters):
                              "lacks")
 
     def _t(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        # non_blocking: from pageable memory CUDA stages the bytes at once and returns without waiting for the
+        # stream, where a blocking copy would synchronise it (several host syncs per step instead of one)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
 
     # -- backbone session ---------------------------------------------------------------------
 
@@ -275,7 +283,9 @@ class TorchBackend(CacheCounters):
         try:
             return _CapturedStep(step, inputs)
         except RuntimeError as exc:  # e.g. an op that syncs with the host: keep running, eagerly
-            self.graph_fallbacks.append(f"{key}: {str(exc).splitlines()[0]}")
+            # capture_end only says "previous error during capture": the op that failed is the context
+            causes = [exc, *([exc.__context__] if exc.__context__ is not None else [])]
+            self.graph_fallbacks.append(f"{key}: " + " <- ".join(str(e).splitlines()[0] for e in causes))
             return None
 
     def _run_block(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, use_keep: bool,
