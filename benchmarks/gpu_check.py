@@ -22,8 +22,10 @@ extrapolated linearly from the two, the numbers of layers are in the JSON):
 * graph replay vs eager: the tokens of a short CFG text-to-image loop, and one step's hidden states;
 * FP8 (per-token and per-tensor activation scales) vs bf16: logit cosine and top-1 agreement on the masked
   positions of one block (random weights: a check of the numerics, not of a trained model's quality);
-* the backbone part of a 1024x1024 text-to-image request, estimated from the T=64 step (the decoders at real
-  size are not synthesized: too large for the run's budget).
+* a whole 1024x1024 text-to-image request: the backbone from the T=64 step (64x64 codes = 128 blocks, 8 steps
+  each), plus one turbo decode (8 DiT evaluations) timed on the real decoder architecture with random bf16
+  weights built on the device (a real-size decoder checkpoint is too large to synthesize and load within the
+  run's budget), plus the VAE decode when diffusers is importable (it is not on the lent H200).
 
 Every section records its error instead of stopping the run; ``gpu_check.json`` and ``gpu_check.md`` go to --out.
 The exit code is 1 when a check fails (replayed tokens differ from eager, a capture fell back, a section raised),
@@ -73,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=1024, help="cached tokens before the timed block")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3], help="rows per step (T = 32 x rows)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration (after warm-up)")
+    p.add_argument("--image-size", type=int, default=1024, help="side of the t2i whose decode is timed")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/llada-edge-gpu-check"))
     return p.parse_args(argv)
 
@@ -305,14 +308,91 @@ def fp8_agreement(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
     return result
 
 
-def t2i_estimate(latency: dict[str, Any]) -> dict[str, Any]:
-    """Backbone seconds of a 1024x1024 t2i (64x64 codes = 128 blocks of 32, 8 steps each, CFG) per variant."""
-    blocks, steps = 64 * 64 // 32, 8
-    out: dict[str, Any] = {"blocks": blocks, "steps_per_block": steps, "decoders": "not measured"}
+def random_module(make: Callable[[], Any], device: str) -> Any:
+    """A module built on the meta device, then given seeded random bf16 weights on ``device`` (no checkpoint:
+    a real-size decoder is too large to synthesize and load within the run's budget; timing needs no values)."""
+    import torch
+
+    with torch.device("meta"):
+        module = make()
+    module = module.to_empty(device=device).to(torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02, generator=generator)
+    return module.eval()
+
+
+def decoder_time(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
+    """One turbo decode at the request size: 8 DiT evaluations (no CFG) on random bf16 weights of the real
+    architecture, and the VAE decode when diffusers is importable (it is not on the lent H200)."""
+    import torch
+
+    from llada_edge.config import ModelConfig
+    from llada_edge.model.dit import ZImageDiT
+
+    config = ModelConfig.from_folder(ckpt)
+    cfg = config.decoders["turbo"]
+    side = args.image_size
+    latent_side, codes = side // 8, (side // 16) ** 2
+    dit = random_module(lambda: ZImageDiT(cfg), args.device)
+    latent = torch.randn(1, cfg.in_channels, 1, latent_side, latent_side, device=args.device)
+    cap = torch.randn(1, codes, cfg.cap_feat_dim, device=args.device)
+    ht = latent_side // cfg.patch_size
+    rope = tuple(t.to(args.device) for t in dit.rope_tables(ht, ht, codes))
+    t = torch.full((1,), 0.5, device=args.device)
+
+    def decode(model: Any) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(8):
+                model(latent, t, cap, rope)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    decode(dit)  # warm-up
+    seconds = [decode(dit) for _ in range(2)]
+    result: dict[str, Any] = {"image_side": side, "image_tokens": ht * ht, "caption_tokens": codes,
+                              "dit_params": sum(p.numel() for p in dit.parameters()),
+                              "turbo_8_steps_s": min(seconds)}
+    del dit
+    release()
+    try:
+        from diffusers import AutoencoderKL
+
+        from llada_edge.model.vae import VaeDecoder
+    except ImportError:
+        result["vae"] = "not measured: diffusers is not installed here (carry its wheel to time it)"
+        return result
+    vae = VaeDecoder(random_module(lambda: AutoencoderKL.from_config(config.vae.raw), args.device))
+    z = torch.randn(1, cfg.in_channels, latent_side, latent_side, device=args.device)
+    with torch.inference_mode():
+        vae(z)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        vae(z)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    result["vae_s"] = time.perf_counter() - start
+    return result
+
+
+def t2i_estimate(latency: dict[str, Any], decoder: dict[str, Any], side: int) -> dict[str, Any]:
+    """A whole t2i at ``side``: backbone seconds (codes / 32 blocks, 8 steps each, CFG: the T=64 step) per variant,
+    plus the measured turbo decode (and VAE when it was measured)."""
+    blocks, steps = -(-((side // 16) ** 2) // 32), 8
+    out: dict[str, Any] = {"image_side": side, "blocks": blocks, "steps_per_block": steps}
+    decode_s = decoder.get("turbo_8_steps_s", 0.0) + decoder.get("vae_s", 0.0) if "error" not in decoder else None
+    out["decode_s"] = decode_s
     for name, per_rows in latency.get("variants", {}).items():
         row = per_rows.get("64")
         if isinstance(row, dict) and "extrapolated_20_layers_ms" in row:
-            out[f"{name}_backbone_s"] = blocks * steps * row["extrapolated_20_layers_ms"] / 1000
+            backbone = blocks * steps * row["extrapolated_20_layers_ms"] / 1000
+            out[f"{name}_backbone_s"] = backbone
+            if decode_s is not None:
+                out[f"{name}_total_s"] = backbone + decode_s
     return out
 
 
@@ -380,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if fp8_ok:
         section(report, args.out, "fp8_vs_bf16", lambda: fp8_agreement(args, main_ckpt))
     latency = section(report, args.out, "step_latency", lambda: step_latency(args, variants, ckpts))
-    report["t2i_1024"] = t2i_estimate(latency if isinstance(latency, dict) else {})
+    decoder = section(report, args.out, "decoder", lambda: decoder_time(args, main_ckpt))
+    report["t2i"] = t2i_estimate(latency if isinstance(latency, dict) else {}, decoder, args.image_size)
     report["failed_checks"] = verdict(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
