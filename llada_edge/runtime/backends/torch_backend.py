@@ -24,7 +24,8 @@ with activations scaled per token or per tensor (:mod:`llada_edge.model.fp8`); C
 >= 8.9, the CPU runs the same math slowly (the tests' path).
 
 A block step with a fused head (:meth:`TorchBackend.forward_sample`) keeps the hidden states on the device
-and brings back only x0 and p, in one transfer: one host synchronisation per step.
+and brings back only x0 and p, in one transfer: one host synchronisation per step by design (gpu_check.py
+counts them on a GPU).
 The CUDA paths (capture, replay, the Hopper FP8 and grouped-GEMM kernels) have not run on this project's
 machines; ``benchmarks/gpu_check.py`` checks and times them where a GPU is lent, and their tests skip without one.
 """
