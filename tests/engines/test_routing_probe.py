@@ -29,11 +29,9 @@ def test_probes_see_top_k_experts_per_token_and_leave_outputs_alone(build, reque
     first = {name: p.chosen.pop() for name, p in probes.items()}
     probed.hidden_states(ids[:, ::-1].copy(), *feeds[1:])  # other tokens choose other experts...
     again = {name: p.chosen.pop() for name, p in probes.items()}
-    # ... except in a layer whose router sends every token to the same top-k (one training of the tiny checkpoint
-    # collapsed its layer 2 that way): there the probe can only show the same set again
-    varied = [n for n, c in first.items() if int(c.any(axis=0).sum()) > cfg.num_experts_per_tok]
-    assert varied  # the check below must not be empty
-    assert all(selection_agreement(first[n], again[n]) < 1.0 for n in varied)
-    for n in set(first) - set(varied):
-        np.testing.assert_array_equal(again[n], first[n])
+    # ... in some layer at least: a probe that read a constant would agree with itself everywhere. Not in every
+    # layer: a trained router may send both inputs' tokens to the same experts (one training of the tiny
+    # checkpoint collapsed its layer 2 onto one top-k set for the first input but not for the reversed one), and
+    # how much each layer varies moves from one training to the next
+    assert any(selection_agreement(first[n], again[n]) < 1.0 for n in first)
     assert all(selection_agreement(c, c) == 1.0 for c in first.values())
