@@ -54,7 +54,7 @@ from llada_edge.errors import InputError, LladaEdgeError
 from llada_edge.export.validate import reference_outputs, validate_component, write_reports
 
 MOE_LOWERINGS = ("dense", "ort")
-EXPORTER_VERSION = 1  # bump when a graph changes, so older exports are rebuilt
+EXPORTER_VERSION = 2  # bump when a graph changes, so older exports are rebuilt
 ISOLATE_BYTES = 256 * 1024 * 1024  # components above this are exported in a fresh process
 DEFAULT_OPSET = 20
 # What the runtime needs from the checkpoint (no weights), copied to BUILD/model.

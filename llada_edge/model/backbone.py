@@ -94,20 +94,25 @@ class Attention(nn.Module):
         return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q [B,H,Tq,hd] over k, v [B,Hkv,Tk,hd] with additive bias [B,1,Tq,Tk] -> [B,Tq,H*hd]."""
-        b, _, tq, hd = q.shape
+        """q [B,H,Tq,hd] over k, v [B,Hkv,Tk,hd] with additive bias [B,1,Tq,Tk] -> [B,Tq,H*hd].
+
+        GQA without repeating K/V: query head h reads kv head h // rep, so the rep query heads of one kv head
+        are stacked into one [rep*Tq, hd] matrix against that head's K/V. Each score is the same dot product
+        as with K/V expanded to every head, but no graph copies the cache 4x (an Expand over the 1024-token
+        cache was 1.7 of 4.6 ms of the real layer's attention on ONNX Runtime CPU), and the GEMMs get taller.
+        """
+        b, h, tq, hd = q.shape
         rep = self.num_heads // self.num_kv_heads
         tk = k.shape[2]
-        # GQA: query head h reads kv head h // rep (expand + reshape, no repeat_interleave op).
-        k = k.unsqueeze(2).expand(b, self.num_kv_heads, rep, tk, hd).reshape(b, self.num_heads, tk, hd)
-        v = v.unsqueeze(2).expand(b, self.num_kv_heads, rep, tk, hd).reshape(b, self.num_heads, tk, hd)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * (hd**-0.5) + bias
+        grouped = q.reshape(b, self.num_kv_heads, rep * tq, hd)
+        scores = torch.matmul(grouped, k.transpose(-1, -2)).view(b, self.num_kv_heads, rep, tq, tk)
+        scores = scores.float() * (hd**-0.5) + bias.unsqueeze(1)
         probs = torch.softmax(scores, dim=-1)
         if self.key_mass_probe is not None:
-            self.key_mass_probe.append(probs.mean(dim=(1, 2)))
-        probs = probs.to(v.dtype)
-        out = torch.matmul(probs, v)
-        return out.transpose(1, 2).reshape(b, tq, self.num_heads * hd)
+            self.key_mass_probe.append(probs.mean(dim=(1, 2, 3)))
+        probs = probs.to(v.dtype).view(b, self.num_kv_heads, rep * tq, tk)
+        out = torch.matmul(probs, v).view(b, h, tq, hd)
+        return out.transpose(1, 2).reshape(b, tq, h * hd)
 
 
 # ----------------------------------------------------------------------------------------------
