@@ -65,3 +65,43 @@ def test_gpu_check_in_miniature_on_the_cpu(tmp_path: Path) -> None:
     assert report["decoder"]["turbo_8_steps_s"] > 0 and report["decoder"]["vae_s"] > 0
     assert report["t2i"]["eager_total_s"] > report["t2i"]["eager_backbone_s"] > 0
     assert (out / "gpu_check.md").read_text().startswith("# gpu_check: cpu")
+
+
+def test_moe_kernel_times_the_layers_qmoe_alone_over_more_and_more_experts(tmp_path: Path) -> None:
+    """The QMoE sweep of ``benchmarks/moe_kernel.py`` on a small QMoE graph: the node it times keeps the layer
+    node's attributes and weight shapes, and only the expert bytes grow along the sweep."""
+    import importlib.util
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("moe_kernel", ROOT / "benchmarks" / "moe_kernel.py")
+    assert spec and spec.loader
+    moe_kernel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe_kernel)
+
+    experts, hidden, inner, block = 8, 64, 32, 32
+    shapes = {"w1": (experts, 2 * inner, hidden // 2), "s1": (experts, 2 * inner, hidden // block),
+              "w2": (experts, hidden, inner // 2), "s2": (experts, hidden, inner // block)}
+    weights = [numpy_helper.from_array(np.zeros(shape, np.uint8 if name[0] == "w" else np.float32), name)
+               for name, shape in shapes.items()]
+    node = helper.make_node("QMoE", ["h", "r", "w1", "s1", "", "w2", "s2"], ["out"], domain="com.microsoft",
+                            k=2, block_size=block, expert_weight_bits=4, activation_type="swiglu", swiglu_fusion=1,
+                            accuracy_level=4, normalize_routing_weights=0, quant_type="int")
+    layer = helper.make_model(helper.make_graph(
+        [node], "layer", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [32, hidden]),
+                          helper.make_tensor_value_info("r", TensorProto.FLOAT, [32, experts])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], weights),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+    path, found = moe_kernel.qmoe_alone(layer, 32, tmp_path)
+    alone = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "QMoE")
+    assert list(alone.attribute) == list(node.attribute) and list(alone.input[2:]) == list(node.input[2:])
+    assert found == {"experts": experts, "hidden": hidden, "top_k": 2,
+                     "bytes_per_expert": sum(int(np.prod(s[1:])) * (1 if n[0] == "w" else 4)
+                                             for n, s in shapes.items())}
+    sweep = moe_kernel.qmoe_sweep(layer, threads=1, repeats=2, distinct=(2, 8))
+    assert [r["distinct_experts"] for r in sweep] == [2, 8]
+    assert sweep[1]["expert_mb"] == 4 * sweep[0]["expert_mb"] and all(r["ms"] > 0 for r in sweep)
