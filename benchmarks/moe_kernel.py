@@ -183,8 +183,8 @@ def main() -> None:
                           "vs_roofline": ms / floor_ms})
             print(json.dumps(cases[-1]), flush=True)
     profile = {t: profile_by_op(engines[128] / "model.onnx", feeds, t, args.repeats) for t in args.threads}
-    sweep = {t: qmoe_sweep(onnx.load(str(engines[128] / "model.onnx"), load_external_data=False), t, args.repeats)
-             for t in args.threads}
+    layer = onnx.load(str(engines[128] / "model.onnx"), load_external_data=False)  # the QMoE node and shapes
+    sweep = {t: qmoe_sweep(layer, t, args.repeats) for t in args.threads}
     report = {"tokens": 32, "past": PAST, "cores": os.cpu_count(), "bandwidth": bandwidth,
               "distinct_experts": distinct, "bytes_touched": touched, "roofline_ms": floor_ms, "cases": cases,
               "profile_block128": profile, "qmoe_alone_block128": sweep}

@@ -76,7 +76,6 @@ def test_moe_kernel_times_the_layers_qmoe_alone_over_more_and_more_experts(tmp_p
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("moe_kernel", ROOT / "benchmarks" / "moe_kernel.py")
     assert spec and spec.loader
     moe_kernel = importlib.util.module_from_spec(spec)
