@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The tiny preset trained here (synth --preset tiny-trained: ~8 minutes on 2 cores the first time, then cached in
-# build/cache, where the tests find it too); CHECKPOINT=build/tiny-ckpt is the same preset with random weights.
+# The tiny preset trained here (synth --preset tiny-trained: rebuilt in seconds from the patch committed under
+# artifacts/, or trained, 10-20 minutes on 2 cores, when the code changed since; cached in build/cache, where the
+# tests find it too); CHECKPOINT=build/tiny-ckpt is the same preset with random weights.
 CHECKPOINT ?= build/tiny-trained
 TARGET ?= onnxruntime
 # The tensorrt targets need the dense MoE lowering: their own build folder, so the onnxruntime one keeps its graphs.
@@ -13,7 +14,7 @@ BUILD ?= build/engines-tiny$(if $(filter tensorrt%,$(TARGET)),-dense)
 PRECISION ?= fp32
 SM ?= sm89 sm120
 
-.PHONY: install typings run engines bench test lint clean
+.PHONY: install typings run engines bench test lint clean tiny-trained-patch check-tiny-trained-patch
 
 install: $(VENV)/.installed
 
@@ -46,6 +47,16 @@ build/tiny-ckpt/config.json: | install
 
 build/tiny-trained/config.json: | install
 	$(PY) -m llada_edge.cli synth --preset tiny-trained --cache build/cache --out build/tiny-trained --force
+
+# After a change to the code that decides the trained values (llada_edge/training, model, synthetic.py, layout.py:
+# the fingerprint), write the new fingerprint's patch under artifacts/ (training it unless build/cache has it) and
+# commit it; the patches of other fingerprints are removed. check-tiny-trained-patch trains afresh and compares:
+# the image side must come out byte-identical, the training report's figures within 0.05.
+tiny-trained-patch: install
+	$(PY) -m llada_edge.training.cache make-patch --cache build/cache
+
+check-tiny-trained-patch: install
+	$(PY) -m llada_edge.training.cache check-patch
 
 SYNTHETIC := $(filter build/tiny-ckpt build/tiny-trained,$(CHECKPOINT))
 

@@ -1,7 +1,7 @@
 """``llada-edge``: one subcommand per public function.
 
 * ``synth``     -> :func:`llada_edge.synthetic.synthesize` (``--preset tiny-trained``:
-  :func:`llada_edge.training.tiny_trained.tiny_trained`)
+  :func:`llada_edge.training.cache.tiny_trained`)
 * ``inspect``   -> :func:`llada_edge.summary.summarize_checkpoint`
 * ``reference`` -> :func:`llada_edge.reference.run_reference`
 * ``run``       -> :meth:`llada_edge.runtime.Pipeline.run` on the typed request of :func:`run_request`
@@ -52,7 +52,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from llada_edge.synthetic import COMPONENTS, synthesize
 
     if args.preset == "tiny-trained":
-        from llada_edge.training.tiny_trained import tiny_trained
+        from llada_edge.training.cache import tiny_trained
 
         fixed = [flag for flag, value in (("--layers", args.layers), ("--experts-dtype", args.experts_dtype != "bf16"),
                                           ("--components", args.components != list(COMPONENTS))) if value]
@@ -291,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=[*sorted(PRESETS), "tiny-trained"], default="tiny",
                    help="tiny: every structural feature at test size; uni: the real dimensions; tiny-trained: "
                    "tiny, trained here on the standard library's docstrings and captioned procedural scenes "
-                   "(about 10 minutes on 2 cores the first time, then copied from the cache; its quality "
-                   "figures are in OUT/training_report.json)")
+                   "(seed 0 in a clone of the repository: rebuilt in seconds from the patch committed under "
+                   "artifacts/ when it matches the code; otherwise trained, 10-20 minutes on 2 cores; then copied "
+                   "from the cache; its quality figures are in OUT/training_report.json)")
     p.add_argument("--layers", type=int, default=None,
                    help="backbone layers (also caps the ViT and DiT depth); default: tiny 3, uni 2")
     p.add_argument("--seed", type=int, default=0, help="seed of every tensor (default 0)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -72,12 +73,19 @@ def tiny_build(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="session")
 def tiny_trained_ckpt() -> Path:
-    """``synth --preset tiny-trained`` (read-only), trained once into the cache: $LLADA_EDGE_CACHE, else the
-    repository's build/cache (so a CI run trains it once and `make clean` drops it)."""
-    from llada_edge.training.tiny_trained import cached_checkpoint
+    """``synth --preset tiny-trained`` (read-only) in the cache: $LLADA_EDGE_CACHE, else the repository's
+    build/cache (`make clean` drops it). A fresh clone rebuilds it from the patch committed under artifacts/; when
+    that patch is of another fingerprint (the code changed), the run trains it (10-20 minutes) and warns."""
+    from llada_edge.training.cache import cached_checkpoint
 
     cache = os.environ.get("LLADA_EDGE_CACHE", str(Path(__file__).resolve().parent.parent / "build" / "cache"))
-    return cached_checkpoint(0, cache=cache, progress=lambda _m: None)
+    messages: list[str] = []
+    entry = cached_checkpoint(0, cache=cache, progress=messages.append)
+    for message in messages:
+        if "not cached; training" in message or "does not reproduce" in message:
+            warnings.warn(f"{message} -- `make tiny-trained-patch` commits the patch of this fingerprint",
+                          stacklevel=1)
+    return entry
 
 
 @pytest.fixture(scope="session")

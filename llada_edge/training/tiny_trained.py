@@ -1,4 +1,4 @@
-"""``synth --preset tiny-trained``: the tiny preset trained here, cached by its fingerprint.
+"""``synth --preset tiny-trained``: the tiny preset trained here (:func:`train_tiny`) and its fingerprint.
 
 Order of work (each step reads what the previous one wrote into the folder):
 
@@ -10,22 +10,21 @@ Order of work (each step reads what the previous one wrote into the folder):
 5. ``training_report.json`` (quality before/after, seconds per stage) written next to the weights;
    upstream loaders ignore it.
 
-The result is cached under ``<cache>/tiny-trained-<fingerprint>``: the fingerprint covers the seed,
-the training settings, the corpus text, the source of the code that decides the values (this package,
-the model, the synthetic writer) and the torch version, so tests and CI train once and a change of any
-input trains again. Every random draw is seeded. The image side gives byte-identical weights run to run on
-one machine; the backbone does not (two trainings of one fingerprint here gave different bytes, and report
-figures within 0.003 of each other; parallel accumulation in the backward of the embedding gather and of
-the MoE's index_add is the likely cause, ``torch.use_deterministic_algorithms`` the likely fix). The
-accuracy thresholds leave 0.02-0.05 of margin for that and for other CPUs.
+The result is cached under ``<cache>/tiny-trained-<fingerprint>`` (:mod:`~llada_edge.training.cache`, which
+also finds the patch committed under ``artifacts/``): the fingerprint covers the seed, the training settings, the
+corpus text, the source of the code that decides the values (this package, the model, the synthetic writer) and
+the torch version, so tests and CI train once and a change of any input trains again. Every random draw is
+seeded. The image side gives byte-identical weights run to run on one machine; the backbone does not (two
+trainings of one fingerprint here gave different bytes, and report figures within 0.003 of each other; parallel
+accumulation in the backward of the embedding gather and of the MoE's index_add is the likely cause,
+``torch.use_deterministic_algorithms`` the likely fix). The accuracy
+thresholds leave 0.02-0.05 of margin for that and for other CPUs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,10 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from llada_edge.buildfolder import atomic_dir, atomic_write_bytes
-from llada_edge.buildfolder.lock import build_lock
 from llada_edge.config import ModelConfig
-from llada_edge.errors import InputError
 from llada_edge.model.loading import load_vision_tokenizer
 from llada_edge.runtime.images import smart_resize, to_pixels
 from llada_edge.training import corpus, scenes
@@ -62,16 +58,17 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def default_cache() -> Path:
-    """``$LLADA_EDGE_CACHE`` or ``~/.cache/llada-edge``."""
-    return Path(os.environ.get("LLADA_EDGE_CACHE", Path.home() / ".cache" / "llada-edge"))
+# Modules of this package that only store or find a trained checkpoint; they decide no value, so editing them
+# must not name a new cache entry (and make every clone train again).
+PLUMBING = frozenset({"cache.py", "patch.py"})
 
 
 def _code_digest() -> str:
-    """sha256 of the code that decides the trained values: this package, the model and the synthetic writer."""
+    """sha256 of the code that decides the trained values: this package (less :data:`PLUMBING`), the model and
+    the synthetic writer."""
     root = Path(__file__).resolve().parent.parent
-    files = sorted([*root.joinpath("training").glob("*.py"), *root.joinpath("model").glob("*.py"),
-                    root / "synthetic.py", root / "layout.py"])
+    training = [p for p in root.joinpath("training").glob("*.py") if p.name not in PLUMBING]
+    files = sorted([*training, *root.joinpath("model").glob("*.py"), root / "synthetic.py", root / "layout.py"])
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -172,38 +169,3 @@ def train_tiny(out: Path, seed: int = 0, settings: BackboneTraining | None = Non
     seconds["decoder"] = time.perf_counter() - t0
     return {"seed": seed, "seconds": seconds, "total_seconds": sum(seconds.values()), "codebook": codebook,
             "backbone": backbone, "decoder": decoder}
-
-
-def tiny_trained(out: str | Path, seed: int = 0, *, cache: str | Path | None = None, force: bool = False,
-                 progress: Progress = _stderr) -> Path:
-    """The trained tiny checkpoint at ``out``: copied from the cache, trained into it first if needed."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise InputError(f"{out} already exists (use --force to replace it)")
-    entry = cached_checkpoint(seed, cache=cache, progress=progress)
-    with atomic_dir(out, fsync=False) as tmp:
-        shutil.copytree(entry, tmp, dirs_exist_ok=True)
-    progress(f"synth: done, {out} (tiny-trained, from {entry})")
-    return out
-
-
-def cached_checkpoint(seed: int = 0, *, cache: str | Path | None = None, progress: Progress = _stderr) -> Path:
-    """``<cache>/tiny-trained-<fingerprint>``, trained once and never half-written (trained under a temporary
-    name, renamed when complete). The cache folder's lock makes a second process that would train the same
-    entry at the same time fail at once, naming the holder, rather than train it twice."""
-    root = Path(cache) if cache is not None else default_cache()
-    root.mkdir(parents=True, exist_ok=True)
-    settings = BackboneTraining()
-    entry = root / f"tiny-trained-{fingerprint(seed, settings)}"
-    if (entry / REPORT_NAME).is_file():
-        return entry
-    with build_lock(root, "training the tiny-trained checkpoint"):
-        if (entry / REPORT_NAME).is_file():
-            return entry
-        progress(f"tiny-trained: not cached; training into {entry} (a few minutes on 2 cores)")
-        with atomic_dir(entry) as tmp:
-            report = train_tiny(tmp, seed, settings, progress)
-            report["fingerprint"] = entry.name.rsplit("-", 1)[-1]
-            atomic_write_bytes(tmp / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
-        progress(f"tiny-trained: trained in {report['total_seconds']:.0f} s")
-    return entry
