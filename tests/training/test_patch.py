@@ -144,3 +144,23 @@ def test_patches_of_other_fingerprints_are_stale(tmp_path) -> None:
     (tmp_path / "tiny-trained-0123456789abcdef").mkdir()
     assert [p.name for p in cache_mod.stale_patches(0, tmp_path)] == ["tiny-trained-0123456789abcdef"]
     assert cache_mod.shipped_patch(0, tmp_path) is None  # a folder without patch.json is not a patch
+
+
+def test_compare_trainings_lists_byte_identical_files_and_scaled_report_changes(tmp_path) -> None:
+    from llada_edge.training.patch import compare_trainings
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, weights, ppl, acc in ((a, b"same", 15.0, 0.25), (b, b"same", 15.3, 0.26)):
+        (folder / "vae").mkdir(parents=True)
+        (folder / "vae" / "w.safetensors").write_bytes(weights)
+        (folder / "model-1.safetensors").write_bytes(folder.name.encode())
+        (folder / "report.json").write_text(json.dumps({"after": {"perplexity": ppl, "accuracy": acc},
+                                                        "seconds": {"backbone": 300 + ppl}, "steps": 2000}))
+    result = compare_trainings(a, b, "report.json")
+    assert result["identical"] == ["vae/w.safetensors"]
+    assert result["differ"] == ["model-1.safetensors"]
+    changes = result["report_changes"]
+    assert set(changes) == {"after.perplexity", "after.accuracy", "steps"}  # seconds measure the machine
+    assert changes["after.perplexity"] == pytest.approx(0.3 / 15.0)  # relative where |figure| > 1
+    assert changes["after.accuracy"] == pytest.approx(0.01)  # absolute below 1
+    assert changes["steps"] == 0.0
