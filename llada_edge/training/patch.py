@@ -254,7 +254,7 @@ def _report_figures(report: dict[str, Any], prefix: str = "") -> dict[str, float
     out: dict[str, float] = {}
     for key, value in report.items():
         name = f"{prefix}{key}"
-        if "second" in key:
+        if "second" in key or key.endswith("_s"):  # seconds (``seconds``, ``vae_s``...)
             continue
         if isinstance(value, dict):
             out.update(_report_figures(value, name + "."))

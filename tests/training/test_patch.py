@@ -155,7 +155,8 @@ def test_compare_trainings_lists_byte_identical_files_and_scaled_report_changes(
         (folder / "vae" / "w.safetensors").write_bytes(weights)
         (folder / "model-1.safetensors").write_bytes(folder.name.encode())
         (folder / "report.json").write_text(json.dumps({"after": {"perplexity": ppl, "accuracy": acc},
-                                                        "seconds": {"backbone": 300 + ppl}, "steps": 2000}))
+                                                        "seconds": {"backbone": 300 + ppl}, "vae_s": ppl,
+                                                        "steps": 2000}))
     result = compare_trainings(a, b, "report.json")
     assert result["identical"] == ["vae/w.safetensors"]
     assert result["differ"] == ["model-1.safetensors"]
