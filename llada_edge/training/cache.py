@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from llada_edge.buildfolder import atomic_dir, atomic_write_bytes
 from llada_edge.buildfolder.lock import build_lock
 from llada_edge.errors import InputError
 from llada_edge.training.backbone import BackboneTraining
-from llada_edge.training.patch import PatchMismatch, apply_patch, compare_trainings, make_patch, read_patch
+from llada_edge.training.patch import PATCH_NAME, PatchMismatch, apply_patch, compare_trainings, make_patch
 from llada_edge.training.tiny_trained import REPORT_NAME, Progress, _stderr, fingerprint, train_tiny
 
 # The repository's committed patches (absent from an installed wheel: there the checkpoint is trained).
@@ -35,8 +37,6 @@ PRESET = "tiny"
 
 def default_cache() -> Path:
     """``$LLADA_EDGE_CACHE`` or ``~/.cache/llada-edge``."""
-    import os
-
     return Path(os.environ.get("LLADA_EDGE_CACHE", Path.home() / ".cache" / "llada-edge"))
 
 
@@ -50,7 +50,7 @@ def shipped_patch(seed: int = 0, shipped: Path | None = SHIPPED_DIR) -> Path | N
     if shipped is None:
         return None
     patch = shipped / entry_name(seed)
-    return patch if (patch / "patch.json").is_file() else None
+    return patch if (patch / PATCH_NAME).is_file() else None
 
 
 def stale_patches(seed: int = 0, shipped: Path = SHIPPED_DIR) -> list[Path]:
@@ -58,13 +58,21 @@ def stale_patches(seed: int = 0, shipped: Path = SHIPPED_DIR) -> list[Path]:
     return sorted(p for p in shipped.glob("tiny-trained-*") if p.name != entry_name(seed))
 
 
+def _report(progress: Progress, message: str) -> None:
+    """A committed patch that could not be used: said as progress and as a warning (pytest lists those at the end
+    of a run, where progress output is not shown)."""
+    progress(message)
+    warnings.warn(message, stacklevel=3)
+
+
 def cached_checkpoint(seed: int = 0, *, cache: str | Path | None = None, shipped: Path | None = SHIPPED_DIR,
                       progress: Progress = _stderr) -> Path:
     """``<cache>/tiny-trained-<fingerprint>``: from the cache, else rebuilt from the committed patch, else trained.
 
     The cache folder's lock makes a second process that would fill the same entry at the same time fail at once,
-    naming the holder, rather than train it twice. A patch whose result does not match its recorded hashes is
-    reported and the checkpoint trained instead.
+    naming the holder, rather than train it twice. A patch whose result does not match its recorded hashes, or a
+    repository whose ``artifacts/`` has no patch for the current fingerprint, is reported (progress and a warning)
+    and the checkpoint trained instead.
     """
     root = Path(cache) if cache is not None else default_cache()
     root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +90,11 @@ def cached_checkpoint(seed: int = 0, *, cache: str | Path | None = None, shipped
                 progress(f"tiny-trained: rebuilt {entry} from the committed patch {patch}")
                 return entry
             except PatchMismatch as exc:
-                progress(f"tiny-trained: the committed patch does not reproduce the checkpoint ({exc}); training")
+                _report(progress, f"tiny-trained: the committed patch does not reproduce the checkpoint ({exc}); "
+                        "training")
+        elif shipped is not None and shipped.is_dir():
+            _report(progress, f"tiny-trained: {shipped} holds no patch for {entry.name} (the code that decides the "
+                    "values changed since it was made); training. `make tiny-trained-patch` writes the new one")
         progress(f"tiny-trained: not cached; training into {entry} (10-20 minutes on 2 cores)")
         settings = BackboneTraining()
         with atomic_dir(entry) as tmp:
@@ -134,7 +146,6 @@ def check_shipped_patch(shipped: Path = SHIPPED_DIR, seed: int = 0, tolerance: f
     patch = shipped_patch(seed, shipped)
     if patch is None:
         raise InputError(f"{shipped}: no patch named {entry_name(seed)} (make tiny-trained-patch writes it)")
-    read_patch(patch)
     with tempfile.TemporaryDirectory(prefix="llada-edge-check-", dir=scratch) as tmp:
         patched = Path(tmp) / "patched"
         apply_patch(patch, patched)

@@ -70,29 +70,24 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _row_bytes(t: torch.Tensor) -> torch.Tensor:
-    """[rows, bytes per row] as uint8: rows compare by their bits, so -0.0 and 0.0 (or two NaNs) never pass as
-    equal or unequal wrongly."""
-    return t.contiguous().view(torch.uint8).reshape(t.shape[0], -1)
+    """[rows, bytes per row] as uint8 (a 0-d tensor is one row): rows compare by their bits, so -0.0 and 0.0 (or
+    two NaNs) never pass as equal or unequal wrongly."""
+    return t.contiguous().reshape(t.shape[0] if t.dim() else 1, -1).view(torch.uint8)
 
 
 def _encode(new: torch.Tensor, base: torch.Tensor) -> tuple[str, torch.Tensor | None, torch.Tensor] | None:
     """How to store ``new`` given the base's tensor: None if bit-identical, else (mode, rows, values)."""
-    if new.shape == base.shape and new.dtype == base.dtype and new.dim() >= 2:
-        new_rows = _row_bytes(new)
-        changed = (new_rows != _row_bytes(base)).any(dim=1).nonzero().flatten()
-        if changed.numel() == 0:
-            return None
-        nonzero = new_rows.any(dim=1).nonzero().flatten()
-        mode, rows = (OVER_BASE, changed) if changed.numel() <= nonzero.numel() else (OVER_ZEROS, nonzero)
-        if rows.numel() <= new.shape[0] // 2:
-            return mode, rows, new[rows].contiguous()
-    elif new.shape == base.shape and new.dtype == base.dtype and torch.equal(_flat_bytes(new), _flat_bytes(base)):
+    if new.shape != base.shape or new.dtype != base.dtype:
+        return WHOLE, None, new.contiguous()
+    new_rows = _row_bytes(new)
+    changed = (new_rows != _row_bytes(base)).any(dim=1).nonzero().flatten()
+    if changed.numel() == 0:
         return None
+    nonzero = new_rows.any(dim=1).nonzero().flatten()
+    mode, rows = (OVER_BASE, changed) if changed.numel() <= nonzero.numel() else (OVER_ZEROS, nonzero)
+    if rows.numel() <= new_rows.shape[0] // 2:
+        return mode, rows, new[rows].contiguous()
     return WHOLE, None, new.contiguous()
-
-
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _tensor_diff(trained: Path, base: Path, rel: str, store: dict[str, torch.Tensor]) -> dict[str, str] | None:
@@ -239,9 +234,10 @@ def verify(folder: Path, expected: dict[str, str], source: Path) -> None:
         raise PatchMismatch(f"{source}: the patched folder {'has an extra' if extra else 'lacks'} "
                             f"{(extra or missing)[0]}")
     for rel, digest in expected.items():
-        if sha256_file(have[rel]) != digest:
+        got = sha256_file(have[rel])
+        if got != digest:
             raise PatchMismatch(f"{source}: {rel} came out different from the trained file it was made from "
-                                f"(sha256 {sha256_file(have[rel])[:12]} vs {digest[:12]})", rel)
+                                f"(sha256 {got[:12]} vs {digest[:12]})", rel)
 
 
 # ----------------------------------------------------------------------------------------------

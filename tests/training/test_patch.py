@@ -134,9 +134,16 @@ def test_cache_takes_the_committed_patch_and_trains_when_it_does_not_reproduce(p
 
     monkeypatch.setattr(cache_mod, "train_tiny", stand_in)
     messages.clear()
-    entry2 = cache_mod.cached_checkpoint(0, cache=tmp_path / "cache2", shipped=shipped, progress=messages.append)
+    with pytest.warns(UserWarning, match="does not reproduce"):
+        entry2 = cache_mod.cached_checkpoint(0, cache=tmp_path / "cache2", shipped=shipped, progress=messages.append)
     assert (entry2 / "trained.txt").is_file()
     assert any("does not reproduce" in m and "came out different" in m for m in messages)
+
+    # A repository whose artifacts/ has no patch of this fingerprint (the code changed): warned, then trained.
+    shutil.rmtree(shipped / entry.name)
+    with pytest.warns(UserWarning, match=f"holds no patch for {entry.name}"):
+        entry3 = cache_mod.cached_checkpoint(0, cache=tmp_path / "cache3", shipped=shipped, progress=messages.append)
+    assert (entry3 / "trained.txt").is_file()
 
 
 def test_patches_of_other_fingerprints_are_stale(tmp_path) -> None:
